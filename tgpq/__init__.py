@@ -1,0 +1,4 @@
+"""tgpq: timestep-aware, gradient-aligned post-training quantization for diffusion models."""
+from .config import QuantConfig
+
+__all__ = ["QuantConfig"]

@@ -1,0 +1,102 @@
+"""Quantization numerics: pure functions, no module state.
+
+Contracts shared by every backend (reference, cpu, triton):
+
+* Weights are symmetric per output channel. ``qmax(bits) = 2**(bits-1) - 1`` (7 for int4, 127 for
+  int8); ``w_q = clamp(round_half_even(w / w_scale[n]), -qmax, qmax)`` stored as int8.
+* Activations are symmetric int8: ``x_q = clamp(round_half_even(float32(x) * inv), -127, 127)``
+  with ``inv = float32(1) / float32(a_scale[g])`` (multiply by the reciprocal, as the kernels do).
+* A quantized linear layer computes ``y[m, n] = float32(sum_k x_q[m, k] * w_q[n, k]) *
+  (a_scale[g] * w_scale[n]) + bias[n]`` with exact int32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+
+ACT_QMAX = 127
+
+
+def qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits} is not supported: use 4 or 8")
+    return 2 ** (bits - 1) - 1
+
+
+def _per_channel_absmax(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round-to-nearest-even per-channel quantization. ``w`` [N, ...], ``scale`` [N] -> int8 like ``w``."""
+    q = qmax(bits)
+    s = scale.reshape(-1, *([1] * (w.dim() - 1))).to(torch.float32)
+    return torch.clamp(torch.round(w.to(torch.float32) / s), -q, q).to(torch.int8)
+
+
+def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, ...] and scale [N] -> float32 [N, ...]."""
+    return w_q.to(torch.float32) * scale.reshape(-1, *([1] * (w_q.dim() - 1))).to(torch.float32)
+
+
+def mse_weight_scale(w: torch.Tensor, bits: int, grid: int = 40, min_ratio: float = 0.5) -> torch.Tensor:
+    """Per-output-channel scale minimising the weight MSE over clipping ratios.
+
+    Tries ``alpha`` in ``linspace(min_ratio, 1, grid)`` of each channel's abs-max and keeps, per
+    channel, the one with the lowest squared error of the quantize-dequantize round trip.
+    Returns float32 [N], strictly positive (all-zero channels get scale 1).
+    """
+    if grid < 1:
+        raise ValueError("grid must be >= 1")
+    q = qmax(bits)
+    w2 = w.detach().reshape(w.shape[0], -1).to(torch.float32)
+    amax = w2.abs().amax(dim=1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = amax / q
+    for alpha in torch.linspace(min_ratio, 1.0, grid).tolist():
+        s = amax * alpha / q
+        wq = torch.clamp(torch.round(w2 / s[:, None]), -q, q) * s[:, None]
+        err = (wq - w2).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, s, best_scale)
+    return best_scale
+
+
+def absmax_weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    amax = _per_channel_absmax(w).to(torch.float32)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return amax / qmax(bits)
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric int8 activation quantization with the kernels' exact arithmetic.
+
+    ``scale`` is a positive float32 scalar (tensor or float). Returns int8 shaped like ``x``.
+    """
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    inv = torch.reciprocal(s)
+    return torch.clamp(torch.round(x.to(torch.float32) * inv), -ACT_QMAX, ACT_QMAX).to(torch.int8)
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Quantize then dequantize (float32 result)."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return quantize_act(x, s).to(torch.float32) * s
+
+
+def act_scale_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 step size covering ``[lo, hi]`` (both float tensors, any shape)."""
+    amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+    return torch.clamp(amax / ACT_QMAX, min=1e-8)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (for LSQ-style step-size learning)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quant_act_lsq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Differentiable fake quantization (gradient flows to ``x`` and ``scale``), LSQ style."""
+    q = torch.clamp(round_ste(x / scale), -ACT_QMAX, ACT_QMAX)
+    return q * scale
