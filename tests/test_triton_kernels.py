@@ -1,0 +1,148 @@
+"""Numerics of the Triton kernels (kernels/qgemm.py, kernels/qconv2d.py) on the CPU.
+
+CPU tensors run the kernels' own source through Triton's interpreter (see kernels/_launch.py),
+so these tests need no GPU. They are slow per element, so shapes are small and odd: M, N, K are
+not multiples of the interpreter's 32x32x32 tiles, K is odd for int4, M = 1 appears.
+
+Oracles
+-------
+* Exact: the int32 accumulator is exact on the device, so with ``a_scale[g] * w_scale[n] == 1``
+  (powers of two), inputs on half-integer grid points (ties!) and ``|acc| <= 2048`` the fp16
+  output must equal the int64 reference bit for bit. This pins the rounding (half to even), the
+  int4 nibble order and sign extension, the K masking and the group lookup.
+* Float: general inputs (including values that clamp at +-127). The reference is the int64
+  accumulator of the quantized operands with the epilogue in float64. The kernel's epilogue is
+  fp32 (a product and a sum: at most ~3 fp32 roundings, bounded by 4 * 2**-24 * (|acc*s| + |b|))
+  followed by the cast to fp16/bf16: at most one unit in the last place of the output, 2**-10
+  relative for fp16, 2**-7 for bf16 (the interpreter converts fp32 -> bf16 by truncation, not
+  round-to-nearest as the GPU does, so a full ulp rather than half).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels import qlinear  # noqa: E402
+
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def pack_int4(w: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] in [-8, 7] -> int8 [N, ceil(K/2)]; low nibble = even k, odd K padded with 0."""
+    n, k = w.shape
+    if k % 2:
+        w = torch.cat([w, torch.zeros(n, 1, dtype=torch.int8)], dim=1)
+    lo, hi = w[:, 0::2], w[:, 1::2]
+    return ((lo & 0xF) | (hi << 4)).to(torch.int8)
+
+
+def quantize_x(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, in torch: int64, same shape."""
+    inv = torch.reciprocal(a_s.to(torch.float32))
+    return torch.clamp(torch.round(x.to(torch.float32) * inv), -127, 127).to(torch.int64)
+
+
+def make_weights(n, k, bits, gen, q=None):
+    q = q if q is not None else (7 if bits == 4 else 127)
+    w = torch.randint(-q, q + 1, (n, k), dtype=torch.int8, generator=gen)
+    return w, (pack_int4(w) if bits == 4 else w.contiguous())
+
+
+def check_close(y, acc, scale, bias, dtype):
+    """y (kernel, dtype) vs float64 epilogue of the exact int64 accumulator acc [.., N]."""
+    s = scale.to(torch.float64)
+    ref = acc.to(torch.float64) * s
+    mag = ref.abs()
+    if bias is not None:
+        ref = ref + bias.to(torch.float64)
+        mag = mag + bias.to(torch.float64).abs()
+    tol = ULP[dtype] * ref.abs() + 4 * 2.0**-24 * mag + 2.0**-24
+    err = (y.to(torch.float64) - ref).abs()
+    assert torch.isfinite(y).all()
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} elements off; worst err {float(err.max()):.3g}, tol there {float(tol.flatten()[err.argmax()]):.3g}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,with_bias", [(37, 45, 71, True), (1, 33, 40, False)])
+def test_qlinear_matches_int_reference(bits, dtype, m, n, k, with_bias):
+    gen = torch.Generator().manual_seed(1000 * bits + m + n + k)
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.02 + 0.001
+    a_scale = torch.rand(5, generator=gen) * 0.05 + 0.01
+    g = 3
+    group_index = torch.tensor([g], dtype=torch.int64)
+    x = torch.randn(m, k, generator=gen) * 40
+    x[:, ::7] *= 8  # some |x/s| > 127: exercises the clamp
+    x = (x * a_scale[g]).to(dtype)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    y = qlinear(x, wp, w_scale, a_scale, group_index, bias, bits=bits, k=k)
+    assert y.shape == (m, n) and y.dtype == dtype
+    xq = quantize_x(x, a_scale[g])
+    assert (xq.abs() == 127).any() and (xq.abs() < 127).any()
+    acc = xq @ w.to(torch.int64).T
+    check_close(y, acc, a_scale[g] * w_scale, bias, dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlinear_exact_ties_and_group_lookup(bits):
+    """Half-integer x/s (ties), power-of-two scales with a_s * w_s == 1: y == acc exactly."""
+    gen = torch.Generator().manual_seed(7 + bits)
+    m, n, k = 19, 35, 33
+    w, wp = make_weights(n, k, bits, gen, q=7)
+    a_scale = torch.tensor([0.5, 0.125, 0.25], dtype=torch.float32)  # g = 2 -> inv = 4
+    group_index = torch.tensor([2], dtype=torch.int32)
+    t = torch.randint(-16, 17, (m, k), generator=gen)
+    x = (t.to(torch.float32) / 8).to(torch.float16)  # x * inv = t / 2: ties at every odd t
+    w_scale = torch.full((n,), 4.0)
+    y = qlinear(x, wp, w_scale, a_scale, group_index, None, bits=bits, k=k)
+    xq = torch.round(t.to(torch.float64) / 2).to(torch.int64)  # torch.round is half-to-even
+    assert ((t % 2) != 0).any()
+    acc = xq @ w.to(torch.int64).T
+    assert acc.abs().max() <= 2048
+    assert torch.equal(y.to(torch.int64), acc), "int32 accumulation or rounding is not exact"
+
+
+def test_qlinear_leading_dims_and_group_clamp():
+    gen = torch.Generator().manual_seed(3)
+    w, wp = make_weights(17, 24, 8, gen)
+    w_scale = torch.rand(17, generator=gen) * 0.01 + 0.001
+    a_scale = torch.tensor([0.03, 0.07])
+    x = torch.randn(2, 3, 24, generator=gen).to(torch.float16)
+    y_hi = qlinear(x, wp, w_scale, a_scale, torch.tensor([9]), None, bits=8, k=24)  # clamped to 1
+    y_1 = qlinear(x, wp, w_scale, a_scale, torch.tensor([1]), None, bits=8, k=24)
+    y_0 = qlinear(x, wp, w_scale, a_scale, torch.tensor([0]), None, bits=8, k=24)
+    assert y_hi.shape == (2, 3, 17)
+    assert torch.equal(y_hi, y_1)
+    assert not torch.equal(y_0, y_1)
+    acc = quantize_x(x.reshape(6, 24), a_scale[0]) @ w.to(torch.int64).T
+    check_close(y_0.reshape(6, 17), acc, a_scale[0] * w_scale, None, torch.float16)
+
+
+def test_qlinear_rejects_bad_input():
+    gen = torch.Generator().manual_seed(4)
+    w, wp = make_weights(8, 16, 8, gen)
+    ws, a_s, gi = torch.rand(8) + 0.1, torch.tensor([0.1]), torch.tensor([0])
+    x = torch.randn(4, 16).to(torch.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        qlinear(x.float(), wp, ws, a_s, gi, bits=8, k=16)
+    with pytest.raises(ValueError, match="columns"):
+        qlinear(x, wp, ws, a_s, gi, bits=4, k=16)
+    with pytest.raises(ValueError, match="last dim"):
+        qlinear(x[:, :15].contiguous(), wp, ws, a_s, gi, bits=8, k=16)
+    with pytest.raises(ValueError, match="contiguous"):
+        qlinear(torch.randn(16, 4).to(torch.float16).T, wp, ws, a_s, gi, bits=8, k=16)
+    with pytest.raises(ValueError, match="a_scale"):
+        qlinear(x, wp, ws, torch.tensor([]), gi, bits=8, k=16)
+    with pytest.raises(ValueError, match="group_index"):
+        qlinear(x, wp, ws, a_s, torch.tensor([0.0]), bits=8, k=16)
+    with pytest.raises(ValueError, match="w_scale"):
+        qlinear(x, wp, ws.double(), a_s, gi, bits=8, k=16)
+    with pytest.raises(ValueError, match="bits"):
+        qlinear(x, wp, ws, a_s, gi, bits=3, k=16)
