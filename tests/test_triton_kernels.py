@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import qlinear  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import qconv2d, qlinear  # noqa: E402
 
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -146,3 +148,74 @@ def test_qlinear_rejects_bad_input():
         qlinear(x, wp, ws.double(), a_s, gi, bits=8, k=16)
     with pytest.raises(ValueError, match="bits"):
         qlinear(x, wp, ws, a_s, gi, bits=3, k=16)
+
+
+def check_conv_close(y, xq, a_s, w, w_scale, bias, stride, padding, dilation, dtype):
+    """y vs F.conv2d in float64 on the dequantized operands (integers times scales: exact)."""
+    xd = xq.to(torch.float64) * float(a_s)
+    wd = w.to(torch.float64) * w_scale.to(torch.float64)[:, None, None, None]
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    ref = F.conv2d(xd, wd, None if bias is None else bias.to(torch.float64), **kw)
+    mag = F.conv2d(xd.abs(), wd.abs(), None, **kw)
+    if bias is not None:
+        mag = mag + bias.to(torch.float64).abs()[None, :, None, None]
+    tol = ULP[dtype] * ref.abs() + 4 * 2.0**-24 * mag + 2.0**-24
+    err = (y.to(torch.float64) - ref).abs()
+    assert torch.isfinite(y).all()
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} off; worst err {float(err.max()):.3g}"
+
+
+CONV_CASES = [
+    # (B, Cin, H, W, Cout, kernel, stride, padding, dilation)
+    (2, 5, 7, 6, 11, 3, 1, 1, 1),     # 3x3 pad 1, odd channels, general K path
+    (1, 7, 9, 8, 13, 3, 2, 1, 1),     # 3x3 stride 2 (downsample), odd sizes
+    (2, 32, 5, 5, 9, 1, 1, 0, 1),     # 1x1, Cin multiple of the K tile: aligned path
+    (1, 32, 6, 7, 10, 3, 2, 1, 1),    # aligned path with stride 2 and padding
+    (1, 3, 8, 8, 7, 3, 1, 2, 2),      # dilation 2 (RGB-like stem)
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}c{}h{}w{}o{}k{}s{}p{}d{}".format(*c))
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float16), (4, torch.bfloat16)])
+def test_qconv2d_matches_float64_conv(case, bits, dtype):
+    b, cin, h, w_, cout, ks, st, pad, dil = case
+    gen = torch.Generator().manual_seed(hash(case) % 10000 + bits)
+    q = 7 if bits == 4 else 127
+    w = torch.randint(-q, q + 1, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
+    w_gemm = w.permute(0, 2, 3, 1).reshape(cout, ks * ks * cin).contiguous()
+    wp = pack_int4(w_gemm) if bits == 4 else w_gemm
+    w_scale = torch.rand(cout, generator=gen) * 0.02 + 0.001
+    a_scale = torch.rand(4, generator=gen) * 0.05 + 0.01
+    g = 1
+    x = torch.randn(b, cin, h, w_, generator=gen) * 40
+    x[:, ::3] *= 8  # some channels clamp
+    x = (x * a_scale[g]).to(dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, generator=gen)
+    y = qconv2d(x, wp, w_scale, a_scale, torch.tensor([g]), bias, bits=bits, in_channels=cin,
+                kernel_size=ks, stride=st, padding=pad, dilation=dil)
+    ref_shape = F.conv2d(torch.zeros(1, cin, h, w_), torch.zeros(cout, cin, ks, ks), stride=st, padding=pad,
+                         dilation=dil).shape[2:]
+    assert y.shape == (b, cout, *ref_shape) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    xq = quantize_x(x, a_scale[g])
+    check_conv_close(y, xq, a_scale[g], w, w_scale, bias, st, pad, dil, dtype)
+
+
+def test_qconv2d_rejects_bad_input():
+    w = torch.randint(-7, 8, (4, 3 * 3 * 3), dtype=torch.int8)
+    ws, a_s, gi = torch.rand(4) + 0.1, torch.tensor([0.1]), torch.tensor([0])
+    x = torch.randn(1, 3, 5, 5).to(torch.float16)
+    geo = dict(bits=8, in_channels=3, kernel_size=3, stride=1, padding=1)
+    with pytest.raises(ValueError, match="channels_last"):
+        qconv2d(x.contiguous(), w, ws, a_s, gi, **geo)  # NCHW-contiguous
+    xl = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="in_channels"):
+        qconv2d(torch.randn(1, 4, 5, 5).to(torch.float16).contiguous(memory_format=torch.channels_last),
+                w, ws, a_s, gi, **geo)
+    with pytest.raises(ValueError, match="columns"):
+        qconv2d(xl, w, ws, a_s, gi, **{**geo, "bits": 4})
+    with pytest.raises(TypeError, match="int8"):
+        qconv2d(xl, w.to(torch.int16), ws, a_s, gi, **geo)
+    with pytest.raises(ValueError, match="too small"):
+        qconv2d(xl, w, ws, a_s, gi, **{**geo, "padding": 0, "dilation": 3})
