@@ -1,0 +1,96 @@
+// AVX-512 VNNI microkernels: 4 rows x 64 columns (4 zmm per row, 16 int32 accumulators), K in
+// groups of 4 consumed by vpdpbusd (u8 activations x s8 weights -> s32, no intermediate saturation).
+// Zero point: acc = dpbusd(a_u8, w) - wsum, wsum[n] = 128 * sum_k w[n, k].
+// int4: a 64-byte load holds two K groups of 16 columns; (v << 4) & 0xF0 and v & 0xF0 are 16 * w as
+// int8, so the accumulator holds 16 * acc and an exact arithmetic shift by 4 recovers it
+// (|16 * acc| <= 16 * 255 * 8 * K < 2^31 for K < 65000).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "ukernel.h"
+
+#define TGPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
+
+namespace tgpq {
+namespace cpu {
+namespace {
+
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int NB, bool W4>
+TGPQ_AVX512 void vnni_tile(const GemmTile& t) {
+  __m512i acc[4][NB];
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+  const uint8_t* a[4];
+  for (int r = 0; r < 4; ++r) a[r] = t.a + std::min<int64_t>(r, t.mr - 1) * t.lda;
+  const int8_t* wb[NB];
+  for (int b = 0; b < NB; ++b) wb[b] = t.w + b * t.w_block_stride;
+  if (!W4) {
+    for (int64_t g = 0; g < t.kg; ++g) {
+      __m512i w[NB];
+      for (int b = 0; b < NB; ++b) w[b] = _mm512_loadu_si512(wb[b] + g * 64);
+      for (int r = 0; r < 4; ++r) {
+        const __m512i va = _mm512_set1_epi32(load32(a[r] + 4 * g));
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], va, w[b]);
+      }
+    }
+  } else {
+    const __m512i hi4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+    for (int64_t p = 0; p < t.kg / 2; ++p) {
+      __m512i wl[NB], wh[NB];
+      for (int b = 0; b < NB; ++b) {
+        const __m512i v = _mm512_loadu_si512(wb[b] + p * 64);
+        wl[b] = _mm512_and_si512(_mm512_slli_epi16(v, 4), hi4);
+        wh[b] = _mm512_and_si512(v, hi4);
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m512i v0 = _mm512_set1_epi32(load32(a[r] + 8 * p));
+        const __m512i v1 = _mm512_set1_epi32(load32(a[r] + 8 * p + 4));
+        for (int b = 0; b < NB; ++b) {
+          acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], v0, wl[b]);
+          acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], v1, wh[b]);
+        }
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_srai_epi32(acc[r][b], 4);
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t c0 = b * 16;
+    if (c0 >= t.nc) break;
+    const int64_t valid = std::min<int64_t>(16, t.nc - c0);
+    const __mmask16 m = static_cast<__mmask16>(valid == 16 ? 0xFFFF : ((1u << valid) - 1));
+    const __m512i ws = _mm512_maskz_loadu_epi32(m, t.wsum + c0);
+    const __m512 sc = _mm512_maskz_loadu_ps(m, t.scale + c0);
+    const __m512 bi = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + c0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < t.mr; ++r) {
+      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], ws)), sc, bi);
+      _mm512_mask_storeu_ps(t.y + r * t.ldy + c0, m, v);
+    }
+  }
+}
+
+template <bool W4>
+void vnni_dispatch(const GemmTile& t) {
+  switch ((t.nc + 15) / 16) {
+    case 1: vnni_tile<1, W4>(t); break;
+    case 2: vnni_tile<2, W4>(t); break;
+    case 3: vnni_tile<3, W4>(t); break;
+    default: vnni_tile<4, W4>(t); break;
+  }
+}
+
+}  // namespace
+
+void qs8_qc8w_gemm_4x64c4__avx512vnni(const GemmTile& t) { vnni_dispatch<false>(t); }
+void qs8_qc4w_gemm_4x64c4__avx512vnni(const GemmTile& t) { vnni_dispatch<true>(t); }
+
+}  // namespace cpu
+}  // namespace tgpq
