@@ -1,0 +1,87 @@
+"""Ahead-of-time compile gate for the Triton kernels (no GPU needed) and the GPU suite's dry run.
+
+Every kernel variant (kernels.compile_check.variants: W8A8/W4A8 GEMM in fp16/bf16, masked-K,
+implicit-GEMM conv 3x3 s1/s2 and 1x1) is compiled for sm_90 and sm_80 with the launcher's
+specialization hints, and each row must: compile, contain int8 tensor-core SASS (IGMMA...S8 on
+sm_90, IMMA...S8 on sm_80), spill nothing, and fit the target's per-block shared memory
+(227 KB sm_90, 163 KB sm_80).
+
+Test time: one compile costs 2-5 s on a 2-core machine, the full matrix (~60 compiles) about four
+minutes, too slow for CI. By default every variant is compiled on both targets with one config,
+rotating the config index across variants so that every config of every autotune list is still
+compiled by some variant (18 compiles, about 70 s). ``TGPQ_FULL_COMPILE_CHECK=1`` runs the full
+matrix (and ``python benchmarks/compile_report.py --json ... --check`` always does).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+cc = pytest.importorskip("kernels.compile_check")
+
+FULL = os.environ.get("TGPQ_FULL_COMPILE_CHECK", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _rows():
+    return tuple(cc.run(cc.plan(("sm_90", "sm_80"), subset=not FULL), progress=False))
+
+
+def _ids():
+    return [f"{v.name}-{c[0]}x{c[1]}x{c[2]}w{c[3]}s{c[4]}-{t}" for v, c, t, _ in cc.plan(subset=not FULL)]
+
+
+@pytest.mark.parametrize("index", range(len(_ids())), ids=_ids())
+def test_kernel_config_compiles_clean(index):
+    row = _rows()[index]
+    where = f"{row['kernel']} {row['config']} {row['target']}"
+    assert row["ok"], f"{where}: {row.get('error')}"
+    assert row["int8_mma"] > 0, f"{where}: no int8 tensor-core instruction in the SASS"
+    ops = list(row["int8_mma_ops"])
+    if row["target"] == "sm_90":
+        assert row["mma_version"] == 3 and all(op.startswith("IGMMA.") for op in ops), ops
+    else:
+        assert row["mma_version"] == 2 and all(op.startswith("IMMA.16832.S8.S8") for op in ops), ops
+    assert row["spill_bytes"] == 0 and row["local_mem_ops"] == 0, f"{where}: spills ({row['n_regs']} regs)"
+    assert 0 < row["shared_bytes"] <= cc.SHARED_LIMIT[row["target"]]
+
+
+def test_every_autotune_config_is_covered():
+    covered = {(v.family, t, i) for v, _, t, i in cc.plan(subset=not FULL)}
+    for (family, target), cfgs in cc.CONFIGS.items():
+        for i in range(len(cfgs)):
+            assert (family, target, i) in covered, (family, target, i)
+
+
+def test_gate_catches_the_sm80_spilling_tile():
+    """A 128x256 int32 tile on 4 warps collapses to 32 registers and spills ~17 KB on sm_80
+    (triton 3.9), so the sm_80 lists hold no such tile and the gate would catch one."""
+    v = cc.variants()["qgemm_w8a8_fp16"]
+    row = cc.compile_row(v, (128, 256, 64, 4, 3), "sm_80")
+    assert row["ok"]
+    assert row["spill_bytes"] > 0
+    assert any("spills" in p for p in cc.problems([row]))
+    assert all(bm * bn <= 128 * 128 or w >= 8 for bm, bn, _, w, _ in cc.CONFIGS[("gemm", "sm_80")])
+
+
+def test_gpu_suite_dry_run_lists_steps(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/gpu_suite.py not present")
+    out = subprocess.run([sys.executable, script, str(tmp_path / "suite"), "--dry-run"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / "suite" / "plan.json").read_text())
+    names = [s["name"] for s in plan["steps"]]
+    for expected in ("pytest_gpu", "bench_kernels", "compile_report"):
+        assert expected in names
+    assert all(s["timeout_s"] > 0 for s in plan["steps"])
+    assert "pytest_gpu" in out.stdout
