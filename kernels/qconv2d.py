@@ -21,7 +21,7 @@ import triton.language as tl
 from . import configs
 from ._launch import INT32_MAX, check_common, interpreted, raw_python_fn
 
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
 
 
 @triton.jit
