@@ -219,3 +219,53 @@ def test_qconv2d_rejects_bad_input():
         qconv2d(xl, w.to(torch.int16), ws, a_s, gi, **geo)
     with pytest.raises(ValueError, match="too small"):
         qconv2d(xl, w, ws, a_s, gi, **{**geo, "padding": 0, "dilation": 3})
+
+
+# --------------------------------------------------------------------------------------------
+# On a CUDA device: the autotuned kernels at full size (skipped on CPU machines).
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 1024), (333, 770, 1000), (4096, 4096, 4096)])
+def test_qlinear_gpu_full_size(bits, dtype, m, n, k):
+    gen = torch.Generator().manual_seed(m + n + k + bits)
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    a_scale = torch.rand(5, generator=gen) * 0.05 + 0.01
+    x = (torch.randn(m, k, generator=gen) * 40 * a_scale[2]).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    dev = "cuda"
+    y = qlinear(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([2], device=dev),
+                bias.to(dev), bits=bits, k=k).cpu()
+    acc = quantize_x(x, a_scale[2]) @ w.to(torch.int64).T
+    ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # the GPU rounds to nearest: half an ulp
+    ref = acc.to(torch.float64) * (a_scale[2] * w_scale).to(torch.float64) + bias.to(torch.float64)
+    mag = (acc.to(torch.float64) * (a_scale[2] * w_scale).to(torch.float64)).abs() + bias.abs().to(torch.float64)
+    err = (y.to(torch.float64) - ref).abs()
+    assert (err <= ulp[dtype] * ref.abs() + 4 * 2.0**-24 * mag + 2.0**-24).all(), float(err.max())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", [(8, 128, 32, 32, 128, 3, 1, 1, 1), (8, 256, 16, 16, 256, 3, 2, 1, 1),
+                                  (8, 384, 16, 16, 256, 1, 1, 0, 1), (4, 3, 32, 32, 128, 3, 1, 1, 1)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qconv2d_gpu_unet_shapes(case, bits):
+    b, cin, h, w_, cout, ks, st, pad, dil = case
+    gen = torch.Generator().manual_seed(cin + cout + bits)
+    q = 7 if bits == 4 else 127
+    w = torch.randint(-q, q + 1, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
+    w_gemm = w.permute(0, 2, 3, 1).reshape(cout, -1).contiguous()
+    wp = pack_int4(w_gemm) if bits == 4 else w_gemm
+    w_scale = torch.rand(cout, generator=gen) * 0.01 + 0.001
+    a_scale = torch.rand(3, generator=gen) * 0.05 + 0.01
+    x = (torch.randn(b, cin, h, w_, generator=gen) * 40 * a_scale[0]).half().contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, generator=gen)
+    dev = "cuda"
+    y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev, dtype=torch.int32),
+                bias.to(dev), bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad).cpu()
+    check_conv_close(y, quantize_x(x, a_scale[0]), a_scale[0], w, w_scale, bias, st, pad, dil, torch.float16)
