@@ -1,0 +1,9 @@
+"""Calibration: collect trajectories, reconstruct block by block, learn gradient-aligned sample weights.
+
+Public entry points: :func:`collect_calibration`, :class:`CalibrationSet`, :func:`calibrate`,
+:func:`plot_sample_weights`, :func:`fake_quant_model` (simulate a ``QuantState`` in float).
+"""
+from .calibrate import calibrate
+from .collect import CalibrationSet, collect_calibration
+
+__all__ = ["calibrate", "collect_calibration", "CalibrationSet"]

@@ -1,0 +1,166 @@
+"""Calibration data: UNet inputs recorded along the full-precision model's DDIM trajectories.
+
+DESIGN.md section 1.1 (TFMQ-DM / Q-Diffusion recipe): run the FP sampler from seeded Gaussian
+noise, keep the UNet inputs ``(x_t, t[, condition])`` every ``interval`` steps (the training set
+``X_T``), and draw a second, disjoint, timestep-balanced set the same way from other seeds (the
+validation set ``X_V``, about ``val_fraction`` of ``X_T``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+COND_KINDS = ("class_labels", "encoder_hidden_states")
+
+
+@dataclass
+class CalibrationSet:
+    """UNet inputs recorded along DDIM trajectories of the full-precision model.
+
+    Shapes (``N`` training samples, ``M`` validation samples, ``[C, H, W]`` the UNet sample shape):
+
+    * ``x``: float32 ``[N, C, H, W]``, the noisy samples ``x_t`` fed to the UNet.
+    * ``t``: int64 ``[N]``, the timestep of each sample (``0 <= t < num_train_timesteps``).
+    * ``cond``: the condition of each sample or None: int64 ``[N]`` class labels when
+      ``cond_kind == "class_labels"``, float ``[N, L, D]`` when ``cond_kind == "encoder_hidden_states"``.
+    * ``val_x`` float32 ``[M, C, H, W]``, ``val_t`` int64 ``[M]``, ``val_cond`` (like ``cond``):
+      the validation set, from seeds disjoint from the training trajectories, with the same
+      count of samples at every kept timestep.
+    * ``kept_timesteps``: int64 ``[S]``, the distinct kept timesteps, in sampling order (descending).
+
+    Samples are ordered trajectory-batch by trajectory-batch and, inside a batch, step by step.
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    val_x: torch.Tensor
+    val_t: torch.Tensor
+    kept_timesteps: torch.Tensor
+    cond: torch.Tensor | None = None
+    val_cond: torch.Tensor | None = None
+    cond_kind: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def cond_kwargs(self, cond: torch.Tensor | None) -> dict:
+        """The keyword arguments that pass ``cond`` (a slice of ``cond``/``val_cond``) to the UNet."""
+        if cond is None or self.cond_kind is None:
+            return {}
+        return {self.cond_kind: cond}
+
+
+def _seeded_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g, dtype=torch.float32)
+
+
+def _check_cond(name: str, cond: torch.Tensor | None, n: int) -> None:
+    if cond is None:
+        return
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(cond).__name__}")
+    if cond.shape[0] < 1:
+        raise ValueError(f"{name} is empty")
+
+
+def _cycle(cond: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Row ``j`` of the result is row ``j % len(cond)`` of ``cond``."""
+    if cond is None:
+        return None
+    idx = torch.arange(n) % cond.shape[0]
+    return cond[idx]
+
+
+@torch.no_grad()
+def _run_trajectories(unet, scheduler, noise, cond, cond_kind, num_steps, interval, batch_size,
+                      storage_device, desc, progress):
+    """DDIM-sample from ``noise`` [n, C, H, W]; return the kept inputs and their timesteps."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_steps)
+    timesteps = sched.timesteps
+    keep = [i for i in range(len(timesteps)) if i % interval == 0]
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    xs, ts, cs = [], [], []
+    n = noise.shape[0]
+    bar = tqdm(total=math.ceil(n / batch_size) * len(timesteps), desc=desc, disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        x = noise[start:start + batch_size].to(device)
+        c = None if cond is None else cond[start:start + batch_size].to(device)
+        kw = {} if c is None else {cond_kind: c}
+        x = x * sched.init_noise_sigma
+        for i, t in enumerate(timesteps):
+            model_in = sched.scale_model_input(x, t)
+            if i in keep:
+                xs.append(model_in.to(storage_device, torch.float32))
+                ts.append(torch.full((x.shape[0],), int(t), dtype=torch.int64, device=storage_device))
+                if c is not None:
+                    cs.append(c.to(storage_device))
+            eps = unet(model_in.to(dtype), t, **kw, return_dict=False)[0]
+            x = sched.step(eps.float(), t, x).prev_sample
+            bar.update(1)
+    bar.close()
+    kept = torch.tensor([int(timesteps[i]) for i in keep], dtype=torch.int64)
+    return torch.cat(xs), torch.cat(ts), (torch.cat(cs) if cs else None), kept
+
+
+def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int = 100, interval: int = 5,
+                        val_fraction: float = 0.05, seed: int = 0, batch_size: int = 64,
+                        storage_device: str | torch.device = "cpu", class_labels: torch.Tensor | None = None,
+                        encoder_hidden_states: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+    """Record UNet inputs along ``num_trajectories`` DDIM trajectories of the FP model.
+
+    * ``scheduler``: a diffusers scheduler with ``set_timesteps`` / ``step`` (DDIM expected); it is
+      copied, not modified.
+    * Trajectory ``j`` starts from noise drawn with seed ``seed`` (training) or ``seed + 1_000_003``
+      (validation); every ``interval``-th of the ``num_steps`` steps (starting with the first) is kept.
+    * Validation: ``max(1, round(val_fraction * num_trajectories))`` further trajectories, so every
+      kept timestep has the same count there (and the validation set is ~``val_fraction`` of ``X_T``).
+    * ``class_labels`` int64 ``[K]`` or ``encoder_hidden_states`` ``[K, L, D]`` (at most one):
+      trajectory ``j`` is conditioned on row ``j % K`` (validation trajectories likewise).
+    * Inputs are stored once per kept step on ``storage_device`` (float32).
+    """
+    if num_trajectories < 1:
+        raise ValueError(f"num_trajectories={num_trajectories}: need at least one trajectory")
+    if num_steps < 1 or interval < 1:
+        raise ValueError(f"num_steps={num_steps} and interval={interval} must be positive")
+    if not (0.0 <= val_fraction < 1.0):
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if class_labels is not None and encoder_hidden_states is not None:
+        raise ValueError("pass class_labels or encoder_hidden_states, not both")
+    _check_cond("class_labels", class_labels, num_trajectories)
+    _check_cond("encoder_hidden_states", encoder_hidden_states, num_trajectories)
+    cond_kind, cond = None, None
+    if class_labels is not None:
+        cond_kind, cond = "class_labels", class_labels.to(torch.int64)
+    elif encoder_hidden_states is not None:
+        cond_kind, cond = "encoder_hidden_states", encoder_hidden_states
+
+    cfg = unet.config
+    shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
+    was_training = unet.training
+    unet.eval()
+    try:
+        x, t, c, kept = _run_trajectories(
+            unet, scheduler, _seeded_noise(num_trajectories, shape, seed), _cycle(cond, num_trajectories),
+            cond_kind, num_steps, interval, batch_size, storage_device, "calibration trajectories", progress)
+        n_val = max(1, round(val_fraction * num_trajectories)) if val_fraction > 0 else 0
+        if n_val:
+            vx, vt, vc, _ = _run_trajectories(
+                unet, scheduler, _seeded_noise(n_val, shape, seed + 1_000_003), _cycle(cond, n_val), cond_kind,
+                num_steps, interval, batch_size, storage_device, "validation trajectories", progress)
+        else:
+            vx = x.new_zeros((0, *shape))
+            vt = t.new_zeros((0,))
+            vc = None
+    finally:
+        unet.train(was_training)
+    return CalibrationSet(x=x, t=t, cond=c, val_x=vx, val_t=vt, val_cond=vc, kept_timesteps=kept,
+                          cond_kind=cond_kind)

@@ -1,0 +1,106 @@
+"""Block reconstruction (BRECQ / Q-Diffusion): AdaRound rounding + LSQ step sizes per timestep group.
+
+Objective per iteration on a random mini-batch ``I`` (``B`` of the ``N`` training samples):
+``(N / B) * sum_{i in I} w_i * l_i + reg_weight * sum_layers rounding_regularizer(alpha, beta)``,
+``l_i`` the sum of squared errors of sample ``i``'s block output against the FP output (BRECQ's
+loss convention, so BRECQ's regulariser weight keeps its meaning) and ``w`` the sample weights
+(uniform ``1/N`` for ``uniform``, learned for ``gac``). The regulariser is off for the first
+``adaround_warmup`` fraction of iterations, then ``beta`` decays linearly from
+``adaround_beta[0]`` to ``adaround_beta[1]`` (BRECQ's schedule). Rounding (``alpha``, Adam,
+``lr_adaround``) and step sizes (Adam, ``lr_act_scale``, when ``learn_act_scale``) are learned
+jointly in one loop (our choice; Q-Diffusion runs them as two passes).
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .capture import UnitData, main_output
+from .fake_quant import GroupContext, QuantLayer, rounding_regularizer
+from .gac import per_sample_sq_error
+
+
+def beta_at(it: int, iters: int, warmup: float, beta: tuple) -> float | None:
+    """AdaRound's annealed beta at iteration ``it`` (None during warm-up: no regulariser)."""
+    start_it = int(warmup * iters)
+    if it < start_it:
+        return None
+    rel = (it - start_it) / max(1, iters - start_it)
+    return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - rel)
+
+
+def qlayers_of(block: torch.nn.Module) -> dict:
+    return {n: m for n, m in block.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_weight_mode(block: torch.nn.Module, mode: str) -> None:
+    for m in qlayers_of(block).values():
+        m.weight_mode = mode
+
+
+def block_forward(block, ctx: GroupContext, data: UnitData, idx: torch.Tensor, groups: torch.Tensor,
+                  device=None, dtype=None) -> torch.Tensor:
+    """Run ``block`` on the recorded inputs of samples ``idx``; returns the output tensor."""
+    ctx.group = groups[idx].to(device) if device is not None else groups[idx]
+    args, kwargs = data.inputs(idx, device=device, dtype=dtype)
+    return main_output(block(*args, **kwargs))
+
+
+@torch.no_grad()
+def block_output_mse(block, ctx: GroupContext, data: UnitData, groups: torch.Tensor, batch_size: int,
+                     device=None) -> float:
+    """Mean squared error of the block's output against the recorded FP output, over all samples."""
+    total, count = 0.0, 0
+    n = len(data)
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        out = block_forward(block, ctx, data, idx, groups, device)
+        err = per_sample_sq_error(out.float(), data.target(idx, device, torch.float32))
+        total += float(err.sum())
+        count += out[0].numel() * idx.numel()
+    return total / count
+
+
+def reconstruct_block(block, ctx: GroupContext, data: UnitData, groups: torch.Tensor, weights: torch.Tensor,
+                      config, generator: torch.Generator, device=None, progress: bool = True,
+                      desc: str = "reconstruct") -> dict:
+    """Learn AdaRound rounding and step sizes of ``block``'s QuantLayers; finish with hard rounding.
+
+    ``weights``: float ``[N]`` sample weights summing to 1 (held fixed here). Returns a small
+    record ``{"loss_first", "loss_last"}`` of the weighted reconstruction loss.
+    """
+    layers = qlayers_of(block)
+    set_weight_mode(block, "soft")
+    alphas = [m.alpha for m in layers.values()]
+    groups_opt = [{"params": alphas, "lr": config.lr_adaround}]
+    scales = [m.act_scale for m in layers.values()]
+    for s in scales:
+        s.requires_grad_(bool(config.learn_act_scale))
+    if config.learn_act_scale:
+        groups_opt.append({"params": scales, "lr": config.lr_act_scale})
+    opt = torch.optim.Adam(groups_opt)
+    n = len(data)
+    b = min(config.batch_size, n)
+    rec = {}
+    for it in tqdm(range(config.iters), desc=desc, leave=False, disable=not progress):
+        idx = torch.randperm(n, generator=generator)[:b]
+        out = block_forward(block, ctx, data, idx, groups, device)
+        err = per_sample_sq_error(out, data.target(idx, device, out.dtype))
+        loss = (n / b) * (weights[idx].to(err.device) * err).sum()
+        beta = beta_at(it, config.iters, config.adaround_warmup, config.adaround_beta)
+        total = loss
+        if beta is not None:
+            total = loss + config.adaround_reg_weight * sum(rounding_regularizer(a, beta) for a in alphas)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            for s in scales:
+                s.clamp_(min=1e-8)
+        if it == 0:
+            rec["loss_first"] = float(loss.detach())
+        rec["loss_last"] = float(loss.detach())
+    for m in layers.values():
+        m.freeze("adaround")
+        m.act_scale.requires_grad_(False)
+    return rec
