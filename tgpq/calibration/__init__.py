@@ -5,5 +5,7 @@ Public entry points: :func:`collect_calibration`, :class:`CalibrationSet`, :func
 """
 from .calibrate import calibrate
 from .collect import CalibrationSet, collect_calibration
+from .plot import plot_sample_weights
+from .simulate import fake_quant_model
 
-__all__ = ["calibrate", "collect_calibration", "CalibrationSet"]
+__all__ = ["calibrate", "collect_calibration", "CalibrationSet", "plot_sample_weights", "fake_quant_model"]
