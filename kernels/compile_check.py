@@ -51,7 +51,9 @@ TARGETS = {"sm_90": 90, "sm_80": 80}
 # max dynamic shared memory per block (opt-in): 227 KB on H100, 163 KB on A100
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
 CONFIGS = {("gemm", "sm_90"): configs.GEMM_SM90, ("gemm", "sm_80"): configs.GEMM_SM80,
-           ("conv", "sm_90"): configs.CONV_SM90, ("conv", "sm_80"): configs.CONV_SM80}
+           ("conv", "sm_90"): configs.CONV_SM90, ("conv", "sm_80"): configs.CONV_SM80,
+           # the experimental Gluon wgmma kernel: Hopper only, one config (kernels/qgemm_gluon.py)
+           ("gluon", "sm_90"): ((128, 128, 64, 4, 1), ), ("gluon", "sm_80"): ()}
 
 _GEMM_SIG = {
     "x_ptr": "*fp16:16", "w_ptr": "*i8:16", "y_ptr": "*fp16:16", "w_scale_ptr": "*fp32:16",
@@ -72,7 +74,7 @@ _CONV_SIG = {
 class Variant:
     """One compiled specialization of a kernel: its runtime signature and fixed constexprs."""
     name: str
-    family: str  # "gemm" or "conv": which autotune lists apply
+    family: str  # "gemm", "conv" or "gluon": which config lists apply
     kernel: object
     signature: dict
     constexprs: dict
@@ -92,19 +94,36 @@ def _conv(bits, k, s, dtype="fp16"):
                         EVEN_K=True, CIN_ALIGNED=True, GROUP_M=GROUP_M))
 
 
+def _gluon():
+    from .qgemm_gluon import qgemm_w8a8_gluon_kernel
+    sig = {k: v for k, v in _GEMM_SIG.items() if k not in ("KP", "M_BUCKET")}
+    return Variant("qgemm_w8a8_fp16_gluon_wgmma_async", "gluon", qgemm_w8a8_gluon_kernel, sig,
+                   dict(HAS_BIAS=True))
+
+
 def variants():
     """Every kernel specialization the launchers produce on the hot paths, by name."""
     vs = [_gemm(8), _gemm(4), _gemm(8, "bf16"), _gemm(4, even_k=False),
           _conv(8, 3, 1), _conv(4, 3, 1), _conv(8, 3, 2), _conv(8, 1, 1), _conv(4, 1, 1, "bf16")]
+    try:
+        vs.append(_gluon())
+    except ImportError:  # triton without Gluon (older than 3.4-ish): the experimental row is left out
+        pass
     return {v.name: v for v in vs}
 
 
-def build_source(variant: Variant, block_m: int, block_n: int, block_k: int) -> ASTSource:
+def build_source(variant: Variant, block_m: int, block_n: int, block_k: int, num_warps: int = 4) -> ASTSource:
     """ASTSource with the launcher's specialization: constexprs by index, divisibility hints."""
-    fn = JITFunction(raw_python_fn(variant.kernel))
+    if variant.family == "gluon":
+        from triton.experimental.gluon._runtime import GluonASTSource as source_cls
+        fn = variant.kernel  # Gluon kernels have no interpreter wrapper to undo
+    else:
+        source_cls, fn = ASTSource, JITFunction(raw_python_fn(variant.kernel))
     consts = dict(variant.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
+        if name == "num_warps":  # Gluon kernels take it as a constexpr parameter
+            consts.setdefault("num_warps", num_warps)
         if name in consts:
             signature[name] = "constexpr"
             constexprs[(i, )] = consts[name]
@@ -113,7 +132,7 @@ def build_source(variant: Variant, block_m: int, block_n: int, block_k: int) -> 
         signature[name] = ty
         if hint == "16":
             attrs[(i, )] = [["tt.divisibility", 16]]
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return source_cls(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 def _cuobjdump(args, cubin: bytes) -> str:
@@ -157,7 +176,7 @@ def compile_row(variant: Variant, config, target: str, index: int | None = None)
     knobs.compilation.always_compile = True  # so bypass the on-disk cache
     t0 = time.time()
     try:
-        src = build_source(variant, bm, bn, bk)
+        src = build_source(variant, bm, bn, bk, warps)
         with contextlib.redirect_stdout(log):
             k = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                                options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION))
@@ -212,6 +231,8 @@ def plan(targets=("sm_90", "sm_80"), names=None, subset: bool = False):
         seen[v.family] += 1
         for target in targets:
             cfgs = list(enumerate(CONFIGS[(v.family, target)]))
+            if not cfgs:
+                continue
             if subset:
                 cfgs = [cfgs[rank % len(cfgs)]]
             jobs += [(v, c, target, i) for i, c in cfgs]

@@ -54,6 +54,19 @@ def test_kernel_config_compiles_clean(index):
     assert 0 < row["shared_bytes"] <= cc.SHARED_LIMIT[row["target"]]
 
 
+def test_gluon_variant_keeps_one_wgmma_in_flight():
+    """Issue 9: tl.dot with an int32 accumulator is always followed by wait(0) (Triton's WGMMA
+    pipeliner only makes fp32-accumulator dots async); the hand-issued Gluon kernel waits with
+    pendings = 1 inside its loop."""
+    rows = [r for r in _rows() if r["kernel"].endswith("_gluon_wgmma_async")]
+    if not rows:
+        pytest.skip("this triton has no Gluon")
+    for r in rows:
+        assert r["ok"] and r["target"] == "sm_90", r.get("error")
+        assert 1 in r["wgmma_wait_pendings"]
+        assert r["int8_mma"] > 0 and r["spill_bytes"] == 0
+
+
 def test_every_autotune_config_is_covered():
     covered = {(v.family, t, i) for v, _, t, i in cc.plan(subset=not FULL)}
     for (family, target), cfgs in cc.CONFIGS.items():

@@ -269,3 +269,22 @@ def test_qconv2d_gpu_unet_shapes(case, bits):
     y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev, dtype=torch.int32),
                 bias.to(dev), bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad).cpu()
     check_conv_close(y, quantize_x(x, a_scale[0]), a_scale[0], w, w_scale, bias, st, pad, dil, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (333, 770, 1024), (4096, 4096, 4096)])
+def test_gluon_wgmma_async_gemm_gpu(m, n, k):
+    from kernels.qgemm_gluon import qlinear_w8a8_gluon
+    gen = torch.Generator().manual_seed(m + n + k)
+    w, wp = make_weights(n, k, 8, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    a_scale = torch.rand(5, generator=gen) * 0.05 + 0.01
+    x = (torch.randn(m, k, generator=gen) * 40 * a_scale[4]).half()
+    bias = torch.randn(n, generator=gen)
+    dev = "cuda"
+    y = qlinear_w8a8_gluon(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([4], device=dev),
+                           bias.to(dev), k=k).cpu()
+    acc = quantize_x(x, a_scale[4]) @ w.to(torch.int64).T
+    check_close(y, acc, a_scale[4] * w_scale, bias, torch.float16)

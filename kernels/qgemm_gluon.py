@@ -1,0 +1,111 @@
+"""Experimental W8A8 GEMM in Gluon that keeps one int8 wgmma in flight (issue 9).
+
+Triton's ``tl.dot`` pipeliner never makes a wgmma with an int32 accumulator "properly async"
+(WGMMAPipeline.cpp, rule 2.1: accumulator must be fp32), so every int8 ``tl.dot`` on sm_90 is
+followed by ``wgmma.wait_group 0``. Gluon issues the wgmma by hand:
+
+    for each K tile (two shared-memory slots, s = kt % 2):
+        load x tile (fp16/bf16 -> registers), quantize to int8, store into a_smem[s]
+        load the int8 weight tile [BLOCK_N, BLOCK_K] into b_smem[s]
+        fence + barrier
+        acc = wgmma(a_smem[s], b_smem[s]^T, acc)   (async)
+        wait(num_outstanding=1)                    -> the wgmma of tile kt-1 has retired, so slot
+                                                      1-s may be overwritten next iteration
+
+so the global loads and the quantization of tile kt+1 overlap the wgmma of tile kt.
+Same math and layouts as ``qgemm.qgemm_kernel`` with bits=8 (see its docstring); K must be a
+multiple of BLOCK_K (the launcher checks). Gluon has no interpreter, so this kernel is only
+compiled here (kernels.compile_check); its numerics are checked on a GPU by
+benchmarks/bench_kernels.py (max_rel_err) and tests/test_triton_kernels.py (GPU tests). It is not
+the default path until a GPU run shows it correct and faster.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from ._launch import check_common
+
+ROUND_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23
+
+
+@gluon.jit
+def qgemm_w8a8_gluon_kernel(
+    x_ptr, w_ptr, y_ptr, w_scale_ptr, a_scale_ptr, group_ptr, bias_ptr,
+    M, N, K, NUM_GROUPS,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK_N, 32])
+    smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64 if BLOCK_K == 64 else 128,
+                                                element_bitwidth=8, rank=2)
+    a_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_K], smem_l)
+    b_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K], smem_l)
+
+    g = gl.load(group_ptr).to(gl.int32)
+    g = gl.minimum(gl.maximum(g, 0), NUM_GROUPS - 1)
+    a_s = gl.load(a_scale_ptr + g)
+    inv = gl.div_rn(gl.full([], 1.0, gl.float32), a_s)
+
+    offs_m = (pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, load_l))) % M
+    offs_n = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_l))) % N
+    offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, load_l))
+    x_ptrs = x_ptr + gl.expand_dims(offs_m, 1) * stride_xm + gl.expand_dims(offs_k, 0)
+    w_ptrs = w_ptr + gl.expand_dims(offs_n, 1) * stride_wn + gl.expand_dims(offs_k, 0)
+
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_l)
+    num_k = K // BLOCK_K
+    for kt in range(num_k):
+        s = kt % 2
+        xa = gl.load(x_ptrs + kt * BLOCK_K)
+        b = gl.load(w_ptrs + kt * BLOCK_K)
+        v = gl.minimum(gl.maximum(xa.to(gl.float32) * inv, -127.0), 127.0)
+        a = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(gl.int8)
+        a_smem.index(s).store(a)
+        b_smem.index(s).store(b)
+        fence_async_shared()
+        gl.barrier()
+        acc = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    offs_ym = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    offs_yn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
+    n_ok = offs_yn < N
+    w_s = gl.load(w_scale_ptr + offs_yn, mask=n_ok, other=0.0)
+    y = acc.to(gl.float32) * gl.expand_dims(a_s * w_s, 0)
+    if HAS_BIAS:
+        y = y + gl.expand_dims(gl.load(bias_ptr + offs_yn, mask=n_ok, other=0.0).to(gl.float32), 0)
+    y_ptrs = y_ptr + gl.expand_dims(offs_ym, 1) * stride_ym + gl.expand_dims(offs_yn, 0)
+    mask = gl.expand_dims(offs_ym < M, 1) & gl.expand_dims(n_ok, 0)
+    gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+CONFIG = (128, 128, 64, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps (one warpgroup)
+
+
+def qlinear_w8a8_gluon(x, w_packed, w_scale, a_scale, group_index, bias=None, *, k: int, config=CONFIG):
+    """Experimental: same contract as ``kernels.qlinear`` with bits=8, CUDA sm_90 only, K % BLOCK_K == 0."""
+    n = check_common(x, w_packed, w_scale, a_scale, group_index, bias, bits=8, k=k, what="qlinear_w8a8_gluon")
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
+        raise ValueError("qlinear_w8a8_gluon needs a Hopper (sm_90) CUDA device")
+    bm, bn, bk, warps = config
+    if x.shape[-1] != k or not x.is_contiguous() or k % bk:
+        raise ValueError(f"qlinear_w8a8_gluon: x must be contiguous [..., k] with k % {bk} == 0")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    qgemm_w8a8_gluon_kernel[grid](
+        x2, w_packed, y, w_scale, a_scale, group_index, bias if bias is not None else w_scale,
+        m, n, k, a_scale.numel(), x2.stride(0), w_packed.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y.reshape(*x.shape[:-1], n)
