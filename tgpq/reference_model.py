@@ -30,7 +30,7 @@ REFERENCE_ARCHITECTURE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "block_out_channels": [32, 64, 64],
-    "layers_per_block": 2,
+    "layers_per_block": 1,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     "attention_head_dim": None,  # one head spanning all channels, as in DDPM
