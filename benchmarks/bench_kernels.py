@@ -15,8 +15,9 @@ device's int8 peak *measured* at the start (``torch._int_mm`` on 8192^3; the fp1
 with ``torch.matmul``). Variants:
 
 * ``ours_w8a8`` / ``ours_w4a8``: kernels.qlinear / kernels.qconv2d (activation quantization fused).
-* ``ours_w8a8_gluon`` (GEMM, sm_90 only): the experimental Gluon kernel that keeps one int8 wgmma
-  in flight (kernels/qgemm_gluon.py); compare it with ``ours_w8a8`` to settle issue 9.
+* ``ours_w8a8_tl_dot`` / ``ours_w8a8_gluon`` (GEMM, sm_90, K % 64 == 0): the two W8A8 paths forced
+  (``ours_w8a8`` is whichever ``qlinear`` picks by default: Gluon there). The Gluon kernel keeps
+  one int8 wgmma in flight, the tl.dot one cannot (issue 9); this pair settles which is faster.
 * ``torch_fp16``: cuBLAS ``x @ w.T + b`` / cuDNN ``F.conv2d`` on channels_last fp16.
 * ``int_mm_sep`` (GEMM only): quantize pass + ``torch._int_mm`` + dequantize pass (what an int8
   library without fusion does). torch has no int8 conv on CUDA, so convs have no such row.
@@ -163,12 +164,16 @@ def run_gemm(K, m, n, k, peaks):
     y = K.qlinear(x0, w8, ws, a_scale, gi, bias, bits=8, k=k).float()
     err8 = float(((y - ref).abs() / (ref.abs() + 1e-3)).max())
     add("ours_w8a8", lambda x: K.qlinear(x, w8, ws, a_scale, gi, bias, bits=8, k=k), err8)
-    if torch.cuda.get_device_capability()[0] == 9 and k % 64 == 0:  # experimental Gluon wgmma-async kernel
-        from importlib import import_module
-        G = import_module(K.__name__ + ".qgemm_gluon")
-        yg = G.qlinear_w8a8_gluon(x0, w8, ws, a_scale, gi, bias, k=k).float()
-        errg = float(((yg - ref).abs() / (ref.abs() + 1e-3)).max())
-        add("ours_w8a8_gluon", lambda x: G.qlinear_w8a8_gluon(x, w8, ws, a_scale, gi, bias, k=k), errg)
+    if torch.cuda.get_device_capability()[0] == 9 and k % 64 == 0:  # both W8A8 paths, side by side
+        for path in ("tl_dot", "gluon"):
+            try:
+                yp = K.qlinear(x0, w8, ws, a_scale, gi, bias, bits=8, k=k, path=path).float()
+            except Exception as e:  # noqa: BLE001 - e.g. a triton whose Gluon API differs
+                add(f"ours_w8a8_{path}", None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                continue
+            errp = float(((yp - ref).abs() / (ref.abs() + 1e-3)).max())
+            add(f"ours_w8a8_{path}", lambda x, p=path: K.qlinear(x, w8, ws, a_scale, gi, bias, bits=8, k=k, path=p),
+                errp)
     ref4 = ((quant_torch(x0, a_s).double() @ w4.double().T) * (a_s * ws).double() + bias.double()).float()
     y4 = K.qlinear(x0, w4p, ws, a_scale, gi, bias, bits=4, k=k).float()
     err4 = float(((y4 - ref4).abs() / (ref4.abs() + 1e-3)).max())

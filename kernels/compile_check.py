@@ -53,7 +53,7 @@ SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
 CONFIGS = {("gemm", "sm_90"): configs.GEMM_SM90, ("gemm", "sm_80"): configs.GEMM_SM80,
            ("conv", "sm_90"): configs.CONV_SM90, ("conv", "sm_80"): configs.CONV_SM80,
            # the experimental Gluon wgmma kernel: Hopper only, one config (kernels/qgemm_gluon.py)
-           ("gluon", "sm_90"): ((128, 128, 64, 4, 1), ), ("gluon", "sm_80"): ()}
+           ("gluon", "sm_90"): ((128, 128, 64, 8, 1), ), ("gluon", "sm_80"): ()}
 
 _GEMM_SIG = {
     "x_ptr": "*fp16:16", "w_ptr": "*i8:16", "y_ptr": "*fp16:16", "w_scale_ptr": "*fp32:16",
@@ -112,7 +112,7 @@ def variants():
     return {v.name: v for v in vs}
 
 
-def build_source(variant: Variant, block_m: int, block_n: int, block_k: int, num_warps: int = 4) -> ASTSource:
+def build_source(variant: Variant, block_m: int, block_n: int, block_k: int) -> ASTSource:
     """ASTSource with the launcher's specialization: constexprs by index, divisibility hints."""
     if variant.family == "gluon":
         from triton.experimental.gluon._runtime import GluonASTSource as source_cls
@@ -122,8 +122,6 @@ def build_source(variant: Variant, block_m: int, block_n: int, block_k: int, num
     consts = dict(variant.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name == "num_warps":  # Gluon kernels take it as a constexpr parameter
-            consts.setdefault("num_warps", num_warps)
         if name in consts:
             signature[name] = "constexpr"
             constexprs[(i, )] = consts[name]
@@ -176,7 +174,7 @@ def compile_row(variant: Variant, config, target: str, index: int | None = None)
     knobs.compilation.always_compile = True  # so bypass the on-disk cache
     t0 = time.time()
     try:
-        src = build_source(variant, bm, bn, bk, warps)
+        src = build_source(variant, bm, bn, bk)
         with contextlib.redirect_stdout(log):
             k = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                                options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION))

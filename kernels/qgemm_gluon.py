@@ -16,8 +16,10 @@ so the global loads and the quantization of tile kt+1 overlap the wgmma of tile 
 Same math and layouts as ``qgemm.qgemm_kernel`` with bits=8 (see its docstring); K must be a
 multiple of BLOCK_K (the launcher checks). Gluon has no interpreter, so this kernel is only
 compiled here (kernels.compile_check); its numerics are checked on a GPU by
-benchmarks/bench_kernels.py (max_rel_err) and tests/test_triton_kernels.py (GPU tests). It is not
-the default path until a GPU run shows it correct and faster.
+benchmarks/bench_kernels.py (max_rel_err) and tests/test_triton_kernels.py (GPU tests).
+``kernels.qlinear`` uses it by default for W8A8 on sm_90 when K % 64 == 0 (the wgmma-overlap
+variant is the default, as issue 9 asks; the speed verdict is the GPU benchmark's:
+``ours_w8a8`` vs ``ours_w8a8_tldot``); ``TGPQ_WGMMA_ASYNC=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -38,12 +40,12 @@ def qgemm_w8a8_gluon_kernel(
     M, N, K, NUM_GROUPS,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
-    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [num_warps, 1], [1, 0])
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [gl.num_warps(), 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                     instr_shape=[16, BLOCK_N, 32])
     smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64 if BLOCK_K == 64 else 128,
                                                 element_bitwidth=8, rank=2)
@@ -89,23 +91,30 @@ def qgemm_w8a8_gluon_kernel(
     gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-CONFIG = (128, 128, 64, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps (one warpgroup)
+CONFIG = (128, 128, 64, 8)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps: two warpgroups of 64 rows (127 regs; 4 warps needs 255)
+
+
+def launch(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k, config=CONFIG):
+    """Launch on validated tensors: x2 [m, k] contiguous, y [m, n] preallocated, k % BLOCK_K == 0."""
+    bm, bn, bk, warps = config
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    with torch.cuda.device(x2.device):
+        qgemm_w8a8_gluon_kernel[grid](
+            x2, w_packed, y, w_scale, a_scale, group_index, bias if bias is not None else w_scale,
+            m, n, k, a_scale.numel(), x2.stride(0), w_packed.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
 def qlinear_w8a8_gluon(x, w_packed, w_scale, a_scale, group_index, bias=None, *, k: int, config=CONFIG):
-    """Experimental: same contract as ``kernels.qlinear`` with bits=8, CUDA sm_90 only, K % BLOCK_K == 0."""
+    """Same contract as ``kernels.qlinear`` with bits=8; CUDA sm_90 only, k % BLOCK_K == 0."""
     n = check_common(x, w_packed, w_scale, a_scale, group_index, bias, bits=8, k=k, what="qlinear_w8a8_gluon")
     if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
         raise ValueError("qlinear_w8a8_gluon needs a Hopper (sm_90) CUDA device")
-    bm, bn, bk, warps = config
-    if x.shape[-1] != k or not x.is_contiguous() or k % bk:
-        raise ValueError(f"qlinear_w8a8_gluon: x must be contiguous [..., k] with k % {bk} == 0")
+    if x.shape[-1] != k or not x.is_contiguous() or k % config[2]:
+        raise ValueError(f"qlinear_w8a8_gluon: x must be contiguous [..., k] with k % {config[2]} == 0")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    qgemm_w8a8_gluon_kernel[grid](
-        x2, w_packed, y, w_scale, a_scale, group_index, bias if bias is not None else w_scale,
-        m, n, k, a_scale.numel(), x2.stride(0), w_packed.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    if m:
+        launch(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k, config)
     return y.reshape(*x.shape[:-1], n)
