@@ -21,6 +21,8 @@ with ``torch.matmul``). Variants:
 * ``torch_fp16``: cuBLAS ``x @ w.T + b`` / cuDNN ``F.conv2d`` on channels_last fp16.
 * ``int_mm_sep`` (GEMM only): quantize pass + ``torch._int_mm`` + dequantize pass (what an int8
   library without fusion does). torch has no int8 conv on CUDA, so convs have no such row.
+  ``int_mm_cudaquant``: the same with the quantize pass done by the csrc/cuda op
+  ``torch.ops.tgpq.quantize_act`` (one fused pass), when the extension was built with CUDA.
 
 Every ``ours`` result is also checked on the device against the int32 reference (quantize,
 ``torch._int_mm`` or an fp64 conv, dequantize): ``max_rel_err`` in the JSON.
@@ -155,6 +157,15 @@ def run_gemm(K, m, n, k, peaks):
         y = torch._int_mm(quant_torch(x, a_s), w8t)
         return (y.float() * (a_s * ws) + bias).half()
     x0 = rot.sets[0][0]
+    cuda_quant = getattr(getattr(torch.ops, "tgpq", None), "quantize_act", None)
+    if cuda_quant is not None and m > 16:  # the csrc/cuda fused quantize op, when the extension is built
+        def int_mm_cudaquant(x):
+            y = torch._int_mm(cuda_quant(x, a_scale, gi), w8t)
+            return (y.float() * (a_s * ws) + bias).half()
+        try:
+            add("int_mm_cudaquant", int_mm_cudaquant)
+        except RuntimeError as e:
+            add("int_mm_cudaquant", None, error=str(e).splitlines()[0][:200])
     try:
         ref = int_mm_sep(x0).float()
         add("int_mm_sep", int_mm_sep)
@@ -279,6 +290,10 @@ def main(argv=None) -> int:
     import triton
     from tqdm import tqdm
     K = _kernels()
+    try:
+        import tgpq._C  # noqa: F401 - registers torch.ops.tgpq.* (the CUDA quantize op when built with CUDA)
+    except ImportError:
+        pass
     torch.backends.cudnn.benchmark = True
     dev_name = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

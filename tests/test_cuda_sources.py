@@ -107,3 +107,35 @@ def test_binding_registers_every_extern_launcher():
             for fn in re.findall(r'extern "C" int (\w+)\(', open(os.path.join(CUDA_DIR, name)).read()):
                 assert binding.count(fn) >= 2, f"{fn} from {name} is not declared and called in the binding"
     assert 'TORCH_LIBRARY_IMPL(tgpq, CUDA, m)' in binding
+
+
+def _cuda_ops():
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import tgpq._C  # noqa: F401 - registers the ops
+    except ImportError:
+        return None
+    return torch.ops.tgpq
+
+
+@pytest.mark.gpu
+def test_cuda_ops_match_reference_on_device():
+    """On a GPU with the extension built: bit-exact against tgpq.numerics / the CPU packing."""
+    import torch
+    ops = _cuda_ops()
+    if ops is None:
+        pytest.skip("needs a CUDA device and tgpq._C built with CUDA")
+    from tgpq.numerics import quantize_act
+    gen = torch.Generator().manual_seed(0)
+    a_scale = torch.rand(4, generator=gen) * 0.05 + 0.01
+    for dtype in (torch.float16, torch.bfloat16):
+        for n in (1, 7, 8 * 1000 + 5):
+            x = (torch.randn(n, generator=gen) * 60 * a_scale[3]).to(dtype)
+            q = ops.quantize_act(x.cuda(), a_scale.cuda(), torch.tensor([3], device="cuda")).cpu()
+            assert torch.equal(q, quantize_act(x, a_scale[3]))
+    w = torch.randint(-8, 8, (33, 77), dtype=torch.int8, generator=gen)
+    packed = ops.pack_int4(w.cuda())
+    assert torch.equal(packed.cpu(), ops.pack_int4(w))
+    assert torch.equal(ops.unpack_int4(packed, 77).cpu(), w)
