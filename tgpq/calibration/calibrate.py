@@ -20,6 +20,7 @@ Adam's state for the logits restarts at every block (our choice; it keeps resumi
 from __future__ import annotations
 
 import copy
+import json
 import time
 from typing import Callable
 
@@ -130,8 +131,9 @@ def _layer_states(unit: ReconUnit, block: nn.Module) -> dict:
 
 
 def _fingerprint(calib: CalibrationSet, config: QuantConfig) -> dict:
-    return {"config": config.to_dict(), "num_train": len(calib), "num_val": int(calib.val_x.shape[0]),
-            "x_sum": round(float(calib.x.double().sum()), 6), "t_sum": int(calib.t.sum())}
+    """JSON-normalised identity of a calibration run (config, calibration-set size and checksums)."""
+    return json.loads(json.dumps({"config": config.to_dict(), "num_train": len(calib), "num_val": int(calib.val_x.shape[0]),
+            "x_sum": round(float(calib.x.double().sum()), 6), "t_sum": int(calib.t.sum())}))
 
 
 def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None = None, *,

@@ -7,8 +7,9 @@ loss convention, so BRECQ's regulariser weight keeps its meaning) and ``w`` the 
 (uniform ``1/N`` for ``uniform``, learned for ``gac``). The regulariser is off for the first
 ``adaround_warmup`` fraction of iterations, then ``beta`` decays linearly from
 ``adaround_beta[0]`` to ``adaround_beta[1]`` (BRECQ's schedule). Rounding (``alpha``, Adam,
-``lr_adaround``) and step sizes (Adam, ``lr_act_scale``, when ``learn_act_scale``) are learned
-jointly in one loop (our choice; Q-Diffusion runs them as two passes).
+``lr_adaround``) is learned first, then the step sizes (Adam, ``lr_act_scale``, when
+``learn_act_scale``) with the hard-rounded weights, as Q-Diffusion does (two passes; learning both
+jointly in short runs let the step sizes chase weights that were not yet rounded).
 """
 from __future__ import annotations
 
@@ -61,32 +62,47 @@ def block_output_mse(block, ctx: GroupContext, data: UnitData, groups: torch.Ten
     return total / count
 
 
+def _weighted_loss(block, ctx, data, groups, weights, idx, device):
+    out = block_forward(block, ctx, data, idx, groups, device)
+    err = per_sample_sq_error(out, data.target(idx, device, out.dtype))
+    return (len(data) / idx.numel()) * (weights[idx].to(err.device) * err).sum()
+
+
+def act_scale_iters(config) -> int:
+    """Iterations of the step-size phase: ``config.extra["act_scale_iters"]``, default ``iters // 2``."""
+    return int(config.extra.get("act_scale_iters", config.iters // 2))
+
+
 def reconstruct_block(block, ctx: GroupContext, data: UnitData, groups: torch.Tensor, weights: torch.Tensor,
                       config, generator: torch.Generator, device=None, progress: bool = True,
                       desc: str = "reconstruct") -> dict:
-    """Learn AdaRound rounding and step sizes of ``block``'s QuantLayers; finish with hard rounding.
+    """Learn AdaRound rounding, then step sizes, of ``block``'s QuantLayers (Q-Diffusion's order).
 
-    ``weights``: float ``[N]`` sample weights summing to 1 (held fixed here). Returns a small
-    record ``{"loss_first", "loss_last"}`` of the weighted reconstruction loss.
+    1. ``config.iters`` Adam steps (``lr_adaround``) on every ``alpha``: weighted loss + annealed
+       rounding regulariser, inputs fake-quantized with the initial step sizes; then hard rounding.
+    2. When ``config.learn_act_scale``: ``act_scale_iters(config)`` Adam steps (``lr_act_scale``) on
+       the step sizes with the hard weights, LSQ gradient. The learned step sizes are kept only if
+       they lower the weighted loss over the whole training set (our choice: a short, noisy LSQ
+       run must not undo the initialisation).
+
+    ``weights``: float ``[N]`` sample weights summing to 1 (held fixed here). Returns
+    ``{"loss_first", "loss_last", "act_loss_before", "act_loss_after", "act_kept"}``.
     """
     layers = qlayers_of(block)
-    set_weight_mode(block, "soft")
-    alphas = [m.alpha for m in layers.values()]
-    groups_opt = [{"params": alphas, "lr": config.lr_adaround}]
-    scales = [m.act_scale for m in layers.values()]
-    for s in scales:
-        s.requires_grad_(bool(config.learn_act_scale))
-    if config.learn_act_scale:
-        groups_opt.append({"params": scales, "lr": config.lr_act_scale})
-    opt = torch.optim.Adam(groups_opt)
     n = len(data)
     b = min(config.batch_size, n)
+    alphas = [m.alpha for m in layers.values()]
+    scales = [m.act_scale for m in layers.values()]
+    for s in scales:
+        s.requires_grad_(False)
+    for a in alphas:
+        a.requires_grad_(True)
+    set_weight_mode(block, "soft")
+    opt = torch.optim.Adam(alphas, lr=config.lr_adaround)
     rec = {}
     for it in tqdm(range(config.iters), desc=desc, leave=False, disable=not progress):
         idx = torch.randperm(n, generator=generator)[:b]
-        out = block_forward(block, ctx, data, idx, groups, device)
-        err = per_sample_sq_error(out, data.target(idx, device, out.dtype))
-        loss = (n / b) * (weights[idx].to(err.device) * err).sum()
+        loss = _weighted_loss(block, ctx, data, groups, weights, idx, device)
         beta = beta_at(it, config.iters, config.adaround_warmup, config.adaround_beta)
         total = loss
         if beta is not None:
@@ -94,13 +110,47 @@ def reconstruct_block(block, ctx: GroupContext, data: UnitData, groups: torch.Te
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        with torch.no_grad():
-            for s in scales:
-                s.clamp_(min=1e-8)
         if it == 0:
             rec["loss_first"] = float(loss.detach())
         rec["loss_last"] = float(loss.detach())
     for m in layers.values():
         m.freeze("adaround")
-        m.act_scale.requires_grad_(False)
+        m.alpha.requires_grad_(False)
+    steps = act_scale_iters(config) if config.learn_act_scale else 0
+    if steps > 0:
+        before = weighted_block_loss(block, ctx, data, groups, weights, 4 * b, device)
+        saved = [s.detach().clone() for s in scales]
+        for s in scales:
+            s.requires_grad_(True)
+        opt = torch.optim.Adam(scales, lr=config.lr_act_scale)
+        for _ in range(steps):
+            idx = torch.randperm(n, generator=generator)[:b]
+            loss = _weighted_loss(block, ctx, data, groups, weights, idx, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for s in scales:
+                    s.clamp_(min=1e-8)
+        for s in scales:
+            s.requires_grad_(False)
+        after = weighted_block_loss(block, ctx, data, groups, weights, 4 * b, device)
+        kept = after < before
+        if not kept:
+            with torch.no_grad():
+                for s, v in zip(scales, saved):
+                    s.copy_(v)
+        rec.update(act_loss_before=before, act_loss_after=after, act_kept=bool(kept))
     return rec
+
+
+@torch.no_grad()
+def weighted_block_loss(block, ctx, data: UnitData, groups, weights, batch_size: int, device=None) -> float:
+    """``sum_i w_i l_i`` over the whole training set (``l_i``: per-sample sum of squared errors)."""
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(len(data), start + batch_size))
+        out = block_forward(block, ctx, data, idx, groups, device)
+        err = per_sample_sq_error(out.float(), data.target(idx, device, torch.float32))
+        total += float((weights[idx].to(err.device).double() * err.double()).sum())
+    return total
