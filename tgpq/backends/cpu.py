@@ -146,7 +146,8 @@ def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
     ``[B, N, Ho, Wo]``; the quantization to u8 NHWC is one pass, then the implicit GEMM."""
     _check_input(x)
     if x.dim() != 4 or x.shape[1] != layer.in_channels:
-        raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W], got {tuple(x.shape)}")
+        raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W] ({layer.in_channels} channels), "
+                         f"got {tuple(x.shape)}")
     w_c4, wsum = prepare(layer)
     return torch.ops.tgpq.cpu_qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
                                       *_conv_args(layer), _isa_id())
