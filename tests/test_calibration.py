@@ -162,8 +162,9 @@ def test_fake_quant_model_matches_convert_reference(unet, calib, gac_state):
 
     sim = fake_quant_model(unet, gac_state)
     conv = tgpq.convert(unet, gac_state, backend="reference")
-    x = calib.val_x[:4]
-    t = calib.val_t[:4]
+    t0 = int(calib.t[0])  # convert's layers take one timestep (group) per batch
+    x = calib.x[calib.t == t0]
+    t = torch.tensor(t0)
     with torch.no_grad():
         a = sim(x, t).sample
         b = conv(x, t).sample
