@@ -155,9 +155,9 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
     CUDA tensors run the autotuned kernel; CPU tensors run the same kernel through Triton's
     interpreter (slow; for tests). ``path``: ``"auto"`` (default) runs W8A8 on Hopper with
     ``k % 64 == 0`` through the Gluon kernel that keeps one int8 wgmma in flight
-    (kernels/qgemm_gluon.py; set ``TGPQ_WGMMA_ASYNC=0`` to turn it off; if it fails to compile
-    with the installed triton, a warning is printed and the ``tl.dot`` kernel is used from then
-    on), everything else through the autotuned ``tl.dot`` kernel; ``"tl_dot"`` / ``"gluon"``
+    (kernels/qgemm_gluon.py; set ``TGPQ_WGMMA_ASYNC=0`` to turn it off; its first call is checked
+    against the ``tl.dot`` kernel, and if it fails to compile with the installed triton or disagrees,
+    a warning is printed and the ``tl.dot`` kernel is used from then on), everything else through the autotuned ``tl.dot`` kernel; ``"tl_dot"`` / ``"gluon"``
     force one (for benchmarks).
     """
     if path not in ("auto", "tl_dot", "gluon"):
@@ -184,11 +184,16 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
         if path == "gluon" or _GLUON_STATE["verified"]:
             launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
             return y.reshape(*lead, n)
-        try:  # first use: compile; a triton whose Gluon API differs falls back to tl.dot
+        try:  # first use: compile, then check against the tl.dot kernel before trusting it
             launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
+            y_ref = qlinear(x2, w_packed, w_scale, a_scale, group_index, bias, bits=bits, k=k, path="tl_dot")
+            # same int32 sums and epilogue; only fp32 operation order and the output rounding differ
+            tol = 2.0 ** -9 * float(y_ref.abs().max()) + 1e-6
+            if not bool(((y.float() - y_ref.float()).abs() <= tol).all()):
+                raise RuntimeError("Gluon wgmma kernel disagrees with the tl.dot kernel on its first call")
             _GLUON_STATE["verified"] = True
             return y.reshape(*lead, n)
-        except Exception as e:  # noqa: BLE001 - compile-time failure of the experimental path
+        except Exception as e:  # noqa: BLE001 - compile failure or wrong numbers of the experimental path
             _GLUON_STATE["disabled"] = True
             warnings.warn(f"tgpq.kernels: Gluon wgmma kernel unavailable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the tl.dot kernel")

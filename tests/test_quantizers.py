@@ -63,3 +63,19 @@ def test_timestep_groups():
     assert group_of(torch.tensor([999.4]), g).tolist() == [4]
     with pytest.raises(ValueError, match="groups"):
         timestep_groups_from_calibration([1, 2], 5)
+
+
+def test_cpp_quantize_act_matches_numerics_bit_for_bit():
+    from tgpq import ops
+
+    if not ops.has_extension():
+        pytest.skip("tgpq._C not built")
+    torch.manual_seed(3)
+    x = torch.randn(4097) * 3
+    x[:8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1e4, -1e4, 0.0]) * 0.04  # ties at scale 0.04
+    table = torch.tensor([0.01, 0.04, 0.3])
+    for g in range(3):
+        got = torch.ops.tgpq.quantize_act(x, table, torch.tensor([g]))
+        assert torch.equal(got, quantize_act(x, table[g]))
+    with pytest.raises(RuntimeError, match="outside the scale table"):
+        torch.ops.tgpq.quantize_act(x, table, torch.tensor([3]))

@@ -37,6 +37,10 @@ if _LOAD_ERROR is None:
     def _unpack_int4_fake(packed, k):
         return packed.new_empty((packed.shape[0], k))
 
+    @torch.library.register_fake("tgpq::quantize_act")
+    def _quantize_act_fake(x, a_scale, group_index):
+        return torch.empty_like(x, dtype=torch.int8)
+
     @torch.library.register_fake("tgpq::qlinear")
     def _qlinear_fake(x, w_packed, w_scale, a_scale, group_index, bias, bits, in_features):
         return x.new_empty((*x.shape[:-1], w_packed.shape[0]))

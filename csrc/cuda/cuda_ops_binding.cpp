@@ -3,7 +3,7 @@
 // csrc/cuda/*.cu and csrc/cuda/*_binding.cpp then). Schemas live in csrc/torch/torch_ops.cpp:
 //   pack_int4(Tensor q) -> Tensor
 //   unpack_int4(Tensor packed, int k) -> Tensor
-//   quantize_act(Tensor x, Tensor a_scale, Tensor group_index) -> Tensor   (to be defined there)
+//   quantize_act(Tensor x, Tensor a_scale, Tensor group_index) -> Tensor
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "cpu/qgemm.h"
 #include "pack.h"
 
 namespace tgpq {
@@ -20,6 +21,22 @@ at::Tensor pack_int4_cpu(const at::Tensor& q) {
   auto out = at::empty({n, int4_packed_cols(k)}, qc.options());
   TORCH_CHECK(pack_int4(qc.data_ptr<int8_t>(), n, k, out.data_ptr<int8_t>()),
               "pack_int4: values must lie in [-8, 7] for int4 packing");
+  return out;
+}
+
+// Symmetric int8 quantization with the scale of the current group (numerics contract).
+at::Tensor quantize_act_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "quantize_act: input must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(a_scale.dim() == 1 && a_scale.scalar_type() == at::kFloat && a_scale.numel() > 0,
+              "quantize_act: a_scale must be a non-empty 1-D float32 table");
+  TORCH_CHECK(group_index.numel() == 1, "quantize_act: group_index must hold one element");
+  const int64_t g = group_index.item<int64_t>();
+  TORCH_CHECK(g >= 0 && g < a_scale.numel(), "quantize_act: group index ", g, " is outside the scale table of ",
+              a_scale.numel(), " groups");
+  auto xf = x.to(at::kFloat).contiguous();
+  auto out = at::empty(xf.sizes(), xf.options().dtype(at::kChar));
+  quantize_act_f32(xf.data_ptr<float>(), xf.numel(), 1.0f / a_scale[g].item<float>(), out.data_ptr<int8_t>());
   return out;
 }
 
@@ -40,6 +57,7 @@ at::Tensor unpack_int4_cpu(const at::Tensor& packed, int64_t k) {
 TORCH_LIBRARY(tgpq, m) {
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed, int k) -> Tensor");
+  m.def("quantize_act(Tensor x, Tensor a_scale, Tensor group_index) -> Tensor");
   m.def(
       "qlinear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int in_features) -> Tensor");
@@ -52,6 +70,7 @@ TORCH_LIBRARY(tgpq, m) {
 TORCH_LIBRARY_IMPL(tgpq, CPU, m) {
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);
+  m.impl("quantize_act", &quantize_act_cpu);
 }
 
 }  // namespace tgpq
