@@ -210,14 +210,44 @@ def test_groupnorm_silu_quantize_matches_unfused(silu):
         assert diff.max() <= 1 and diff.float().mean() < 1e-3, (isa, diff.max(), diff.float().mean())
 
 
-def test_fused_unet_matches_unfused_cpu_and_reference(small_unet):
-    from conftest import minmax_qstate
+@pytest.fixture(scope="module")
+def qunet():
+    """A converted small DDPM-layout UNet (W4A8, min/max activation scales), shared by the model tests."""
+    from conftest import make_small_unet, minmax_qstate
 
     from tgpq.config import QuantConfig
-    from tgpq.convert import convert, set_backend
+    from tgpq.convert import convert
+
+    unet = make_small_unet()
+    return convert(unet, minmax_qstate(unet, QuantConfig(weight_bits=4, act_bits=8, method="rtn"), batch=2,
+                                       timesteps=(900, 300)))
+
+
+def test_every_layer_of_converted_unet_matches_reference(qunet):
+    from tgpq.backends import reference
+    from tgpq.convert import set_backend
+
+    set_backend(qunet, "cpu")
+    seen = []
+
+    def check(mod, inp, out):
+        ref = (reference.conv2d if isinstance(mod, QConv2d) else reference.linear)(mod, inp[0])
+        assert (out - ref).abs().max() <= 1e-5 * (ref.abs().max() + 1)
+        seen.append(mod)
+
+    hooks = [m.register_forward_hook(check) for m in qunet.modules() if isinstance(m, (QConv2d, QLinear))]
+    with torch.no_grad():
+        qunet(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([900]))
+    for h in hooks:
+        h.remove()
+    assert len(seen) > 20
+
+
+def test_fused_unet_matches_unfused_cpu_and_reference(qunet):
+    from tgpq.convert import set_backend
     from tgpq.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
 
-    q = convert(small_unet, minmax_qstate(small_unet, QuantConfig(weight_bits=8, act_bits=8, method="rtn")))
+    q = qunet
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([321])
     with torch.no_grad():
@@ -238,26 +268,3 @@ def test_fused_unet_matches_unfused_cpu_and_reference(small_unet):
     # loosely here, and check every layer tightly on the inputs it sees inside the model below
     assert (yc - yr).pow(2).mean().sqrt() <= 0.05 * yr.pow(2).mean().sqrt()
 
-
-def test_every_layer_of_converted_unet_matches_reference(small_unet):
-    from conftest import minmax_qstate
-
-    from tgpq.backends import reference
-    from tgpq.config import QuantConfig
-    from tgpq.convert import convert, set_backend
-
-    q = convert(small_unet, minmax_qstate(small_unet, QuantConfig(weight_bits=4, act_bits=8, method="rtn")))
-    set_backend(q, "cpu")
-    seen = []
-
-    def check(mod, inp, out):
-        ref = (reference.conv2d if isinstance(mod, QConv2d) else reference.linear)(mod, inp[0])
-        assert (out - ref).abs().max() <= 1e-5 * (ref.abs().max() + 1)
-        seen.append(mod)
-
-    for m in q.modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            m.register_forward_hook(check)
-    with torch.no_grad():
-        q(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([900]))
-    assert len(seen) > 20
