@@ -172,6 +172,11 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 qstate = calibrate(unet, calib, cfg)
                 calib_s = time.perf_counter() - t0
+            if method == "gac":
+                from tgpq.calibration import plot_sample_weights
+                png = Path(a.out).parent / f"{Path(a.out).name}_gac_{bits}_weights.png"
+                plot_sample_weights(qstate, png)
+                print(f"sample weights plotted to {png}")
             qunet, path = quantized(unet, qstate)
             mse, fp_img, q_img = eval_against_fp(unet, qunet, qstate.timestep_to_group, cfg.num_groups,
                                                  a.images, a.sample_steps, seed=0)

@@ -59,7 +59,7 @@ def _seeded_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=g, dtype=torch.float32)
 
 
-def _check_cond(name: str, cond: torch.Tensor | None, n: int) -> None:
+def _check_cond(name: str, cond: torch.Tensor | None) -> None:
     if cond is None:
         return
     if not isinstance(cond, torch.Tensor):
@@ -135,8 +135,8 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
         raise ValueError(f"batch_size={batch_size} must be positive")
     if class_labels is not None and encoder_hidden_states is not None:
         raise ValueError("pass class_labels or encoder_hidden_states, not both")
-    _check_cond("class_labels", class_labels, num_trajectories)
-    _check_cond("encoder_hidden_states", encoder_hidden_states, num_trajectories)
+    _check_cond("class_labels", class_labels)
+    _check_cond("encoder_hidden_states", encoder_hidden_states)
     cond_kind, cond = None, None
     if class_labels is not None:
         cond_kind, cond = "class_labels", class_labels.to(torch.int64)
