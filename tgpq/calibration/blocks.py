@@ -37,7 +37,8 @@ class ReconUnit:
 
 
 def is_excluded(name: str, exclude) -> bool:
-    return any(name == e or name.startswith(e + ".") or (e.endswith(".") and name.startswith(e)) for e in exclude)
+    """True when the qualified ``name`` starts with an entry of ``exclude`` (plain prefix match)."""
+    return any(e and name.startswith(e) for e in exclude)
 
 
 def quantizable_layers(unet: nn.Module, exclude) -> list[str]:
