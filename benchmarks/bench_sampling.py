@@ -1,4 +1,4 @@
-"""End-to-end DDIM sampling benchmark: speed and memory of quantized diffusion sampling.
+r"""End-to-end DDIM sampling benchmark: speed and memory of quantized diffusion sampling.
 
     python benchmarks/bench_sampling.py                      # everything this machine can run
     python benchmarks/bench_sampling.py --models ddpm-cifar10 --batches 1 256
@@ -39,11 +39,28 @@ profiles), ``.md`` (tables), ``.png`` (speedup and memory bar charts) and ``-pro
 torch.profiler table of the top kernels of the W8A8 run per model). The JSON is rewritten after
 every cell, so a run cut short keeps what it measured.
 
-Expected runtime on one H100 (estimates; one device call is at most 10 minutes):
-``--models ddpm-cifar10 reference`` with the defaults (4 batches x 9 variants, ``--max-seconds 8``)
-takes about 7-9 minutes, most of it torch.compile warm-ups; ``--models sd15 --batches 1 16 64 256``
-about 8-10 minutes. Run them as two calls (see benchmarks/README or the report). ``--total-seconds``
-(default 540) stops starting new cells once the run has used that much time.
+Memory: ``peak_mem_bytes`` is ``torch.cuda.max_memory_allocated`` over the timed sampling (reset after
+warm-up; the float32 master copy stays on the CPU, so it holds the variant's model, its activations,
+CUDA-graph / compile pools); ``weight_bytes`` is ``tgpq.weight_bytes`` (parameters + buffers at
+their stored size; for torchao's tensor subclasses this may show the logical size, so
+``device_model_bytes``, the allocator's growth while the model is built, is recorded as well).
+
+Expected runtime on one H100 (estimates, not yet measured: this was written on a machine without a
+GPU). Warm-ups dominate: a torch.compile cell costs ~30-60 s for the DDPM UNet and 1-2 min for
+SD 1.5 (each batch size compiles anew), a timed cell at most ``--max-seconds`` (8) plus a few
+seconds of convert and Triton autotuning. One device call is at most 10 minutes, so split the run,
+headline first, each call writing under ``$OUT``:
+
+    python benchmarks/bench_sampling.py --models ddpm-cifar10 --batches 256 64 --out $OUT
+    python benchmarks/bench_sampling.py --models ddpm-cifar10 reference --batches 16 1 --out $OUT
+    python benchmarks/bench_sampling.py --models sd15 --batches 256 16 1 --variants fp16-eager \
+        fp16-cudagraph tgpq-w8a8 tgpq-w4a8 tgpq-w8a8-cudagraph torchao-int8dq-compile --out $OUT
+
+Cells run batch by batch (each batch a complete comparison), in the ``--batches`` order (default
+256 64 16 1: the headline batch first). ``--total-seconds`` (default 540) stops starting new cells
+once the run has used that much time, and a torch.compile cell is not started with less than
+``COMPILE_RESERVE_S`` left; skipped cells are recorded as such. Most of the time goes to warm-ups
+(torch.compile: ~40 s for the DDPM UNet, 1-2 min for SD 1.5, per batch size; Triton autotuning).
 
 CPU mode (no CUDA): a reduced run (batches 1-2, 3 steps, the reference and DDPM UNets) whose numbers
 describe this CPU only: GPU numbers need a GPU. ``--quick`` runs the tiny models at batch 1 with 2
@@ -83,6 +100,7 @@ GPU_VARIANTS = ("fp16-eager", "fp16-compile", "fp16-cudagraph", "tgpq-w8a8", "tg
                 "tgpq-w4a8-cudagraph", "tgpq-w8a8-compile", "torchao-int8dq-compile")
 CPU_VARIANTS = ("fp32-eager", "tgpq-w8a8-cpu", "tgpq-w4a8-cpu", "tgpq-w8a8-reference")
 BASELINE = {"gpu": "fp16-eager", "cpu": "fp32-eager"}
+COMPILE_RESERVE_S = 150.0  # a torch.compile cell is not started with less time left (SD 1.5 compiles ~1-2 min)
 PROFILE_VARIANT = {"gpu": "tgpq-w8a8", "cpu": "tgpq-w8a8-cpu"}
 GPU_NOTE = ("CPU mode: no CUDA device here. These numbers describe this CPU only; the GPU numbers "
             "(fp16 / torch.compile / Triton W8A8 and W4A8 / torchao) need a GPU: run this script on one.")
@@ -347,10 +365,11 @@ def torchao_available() -> str | None:
 
 
 def prepare_model(float_model: torch.nn.Module, spec: ModelSpec, variant: Variant, device) -> torch.nn.Module:
-    """The model of ``variant`` (a new object; ``float_model`` is float32 on ``device`` and left as is)."""
+    """The model of ``variant`` on ``device`` (a new object; ``float_model``, the float32 master copy kept
+    on the CPU so that it never counts in the device's peak memory, is left as is)."""
     import copy
 
-    model = copy.deepcopy(float_model).to(dtype=variant.dtype)
+    model = copy.deepcopy(float_model).to(device=device, dtype=variant.dtype)
     if variant.bits is not None:
         cfg = tgpq.QuantConfig(weight_bits=variant.bits, act_bits=8, method="rtn")
         qstate = quick_rtn_qstate(model, spec, cfg)
@@ -404,6 +423,12 @@ def make_scheduler(steps: int):
     return sched
 
 
+def device_timesteps(sched, device) -> list:
+    """The schedule's timesteps as separate 0-d int64 tensors on ``device`` (copied once, before timing;
+    separate storages so torch.compile sees the same input layout at every step)."""
+    return [t.to(device).clone() for t in sched.timesteps]
+
+
 @torch.no_grad()
 def ddim_loop(denoise, sched, x, timesteps_dev, timesteps_cpu, n: int | None = None):
     """Run the first ``n`` (default all) DDIM steps from ``x``; returns the last latent."""
@@ -428,7 +453,7 @@ def time_sampling(denoise, x0, steps: int, device, max_seconds: float, repeats: 
     clock = Clock(device)
     sched = make_scheduler(steps)
     ts_cpu = sched.timesteps
-    ts_dev = ts_cpu.to(device)
+    ts_dev = device_timesteps(sched, device)
     # one step measured alone tells how much fits in the budget
     step_times = []
     for i in range(min(3, steps)):
@@ -466,7 +491,8 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu} ({n} thread{'s' if n > 1 else ''})"
 
 
 def device_slug(device: torch.device) -> str:
@@ -486,14 +512,18 @@ def run_cell(float_model, spec: ModelSpec, variant: Variant, batch: int, args, d
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        before = torch.cuda.memory_allocated(device) if cuda else 0
         model = prepare_model(float_model, spec, variant, device)
         rec["weight_bytes"] = tgpq.weight_bytes(model)
+        if cuda:  # what the model really holds on the device (torchao's tensor subclasses included)
+            gc.collect()
+            rec["device_model_bytes"] = torch.cuda.memory_allocated(device) - before
         x0, text = random_inputs(spec, batch, device, variant.dtype, seed=1)
         sched = make_scheduler(args.steps)
-        t_first = sched.timesteps[:1].to(device)[0]
-        denoise = make_denoiser(model, variant, x0, t_first, text)
+        ts_first = device_timesteps(sched, device)[:1]
+        denoise = make_denoiser(model, variant, x0, ts_first[0], text)
         for _ in range(args.warmup):  # compile, autotune, caches
-            ddim_loop(denoise, sched, x0, sched.timesteps.to(device)[:1], sched.timesteps[:1])
+            ddim_loop(denoise, sched, x0, ts_first, sched.timesteps[:1])
         if cuda:
             torch.cuda.synchronize()
         rec["warmup_s"] = time.perf_counter() - t0
@@ -531,7 +561,7 @@ def profile_steps(float_model, spec: ModelSpec, variant: Variant, batch: int, de
     model = prepare_model(float_model, spec, variant, device)
     x0, text = random_inputs(spec, batch, device, variant.dtype, seed=2)
     sched = make_scheduler(max(steps, 2))
-    ts_dev = sched.timesteps.to(device)
+    ts_dev = device_timesteps(sched, device)
     denoise = Denoiser(model, text)
     ddim_loop(denoise, sched, x0, ts_dev, sched.timesteps, 1)  # warm-up / autotune
     if cuda:
@@ -541,8 +571,13 @@ def profile_steps(float_model, spec: ModelSpec, variant: Variant, batch: int, de
         ddim_loop(denoise, sched, x0, ts_dev, sched.timesteps, steps)
         if cuda:
             torch.cuda.synchronize()
-    key = "cuda_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=row_limit)
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=row_limit)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
     events = [e for e in prof.key_averages()]
 
     def dev_time(e):
@@ -575,6 +610,8 @@ def add_ratios(results: list[dict], baseline: str) -> None:
         r["weight_mem_vs_baseline"] = r["weight_bytes"] / b["weight_bytes"]
         if r.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
             r["peak_mem_vs_baseline"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
+        if r.get("device_model_bytes") and b.get("device_model_bytes"):
+            r["device_model_vs_baseline"] = r["device_model_bytes"] / b["device_model_bytes"]
 
 
 def _mib(v) -> str:
@@ -592,11 +629,12 @@ def markdown_report(doc: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in doc["results"]):
         info = doc["models"].get(model, {})
         lines += ["", f"## {model}: {info.get('description', '')} ({info.get('params', 0) / 1e6:.1f}M parameters)", "",
-                  "| batch | variant | ms / image | images / s | speedup | peak MiB | weight MiB | weight x | note |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "| batch | variant | ms / image | images / s | speedup | peak MiB | weight MiB | weight x "
+                  "| on-device model MiB | note |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in (r for r in doc["results"] if r["model"] == model):
             if r["status"] != "ok":
-                lines.append(f"| {r['batch']} | {r['variant']} | - | - | - | - | - | - | {r['status']}: "
+                lines.append(f"| {r['batch']} | {r['variant']} | - | - | - | - | - | - | - | {r['status']}: "
                              f"{r.get('error', '')[:80].replace('|', '/')} |")
                 continue
             sp = r.get("speedup_vs_baseline")
@@ -604,7 +642,8 @@ def markdown_report(doc: dict) -> str:
             note = f"extrapolated from {r['steps_timed']} steps" if r["extrapolated"] else f"median of {r['repeats']}"
             lines.append(f"| {r['batch']} | {r['variant']} | {r['s_per_image'] * 1e3:.2f} | {r['images_per_s']:.1f} | "
                          f"{'-' if sp is None else f'{sp:.2f}x'} | {_mib(r.get('peak_mem_bytes'))} | "
-                         f"{_mib(r['weight_bytes'])} | {'-' if wx is None else f'{1 / wx:.2f}x smaller'} | {note} |")
+                         f"{_mib(r['weight_bytes'])} | {'-' if wx is None else f'{1 / wx:.2f}x smaller'} | "
+                         f"{_mib(r.get('device_model_bytes'))} | {note} |")
     for prof in doc.get("profiles", []):
         lines += ["", f"## Where the time goes: {prof['model']} {prof['variant']} batch {prof['batch']}, "
                       f"{prof['steps']} steps ({prof['sorted_by']})", "", "| % | self us | calls | kernel / op |",
@@ -639,8 +678,13 @@ def plot_report(doc: dict, path: Path) -> None:
             mem = [(by_b[b].get("peak_mem_bytes") or by_b[b]["weight_bytes"]) / 2**20 if b in by_b else 0
                    for b in batches]
             axes[row][1].bar(xs, mem, width, label=v)
+            if doc["mode"] == "gpu":  # weights as a dark inner bar inside the peak bar
+                wts = [by_b[b]["weight_bytes"] / 2**20 if b in by_b else 0 for b in batches]
+                axes[row][1].bar(xs, wts, width * 0.45, color="k", alpha=0.45,
+                                 label="weights" if vi == 0 else None)
         for ax, title in ((axes[row][0], f"{model}: speedup vs {doc['baseline']}"),
-                          (axes[row][1], f"{model}: {'peak' if doc['mode'] == 'gpu' else 'weight'} memory (MiB)")):
+                          (axes[row][1], f"{model}: {'peak (bar) / weight (inner) ' if doc['mode'] == 'gpu' else 'weight '}"
+                                         f"memory (MiB)")):
             ax.set_xticks([bi + 0.4 - width / 2 for bi in range(len(batches))], [f"batch {b}" for b in batches])
             ax.set_title(title, fontsize=10)
         axes[row][0].axhline(1.0, color="k", lw=0.8)
@@ -734,7 +778,7 @@ def resolve_args(args) -> str:
         args.threads = args.threads or 1
     if mode == "gpu":
         args.models = args.models or ["reference", "ddpm-cifar10", "sd15"]
-        args.batches = args.batches or [1, 16, 64, 256]
+        args.batches = args.batches or [256, 64, 16, 1]  # the headline batch first
         args.steps = args.steps or 100
         args.max_seconds = args.max_seconds or 8.0
         args.variants = args.variants or list(GPU_VARIANTS)
@@ -754,8 +798,15 @@ def resolve_args(args) -> str:
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark; ``argv`` as on the command line (default ``sys.argv[1:]``). Returns the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `tgpq bench -- --quick ...` hands the separator through
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     mode = resolve_args(args)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # `.to(float16)` warns on every model copy
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if mode == "gpu" else "cpu")
@@ -768,7 +819,7 @@ def main(argv=None) -> dict:
         "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "triton": _version("triton"),
         "diffusers": _version("diffusers"), "torchao": _version("torchao") if torchao_available() is None else None,
         "python": platform.python_version(), "git_commit": git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name] + (list(argv) if argv is not None else sys.argv[1:])),
+        "command": " ".join(["bench_sampling.py"] + argv),
         "steps": args.steps, "batches": args.batches, "variants": args.variants, "max_seconds": args.max_seconds,
         "threads": torch.get_num_threads(), "baseline": BASELINE[mode],
         "note": GPU_NOTE if mode == "cpu" else "CUDA events, warm-up excluded, median of repeats",
@@ -788,7 +839,7 @@ def main(argv=None) -> dict:
                 doc["skipped_models"][name] = why
                 continue
         spec = model_spec(name)
-        float_model = spec.build(device)
+        float_model = spec.build(device).to("cpu")  # built on the device (fast), kept on the CPU
         n_params = param_count(float_model)
         if spec.expected_params is not None and n_params != spec.expected_params:
             raise RuntimeError(f"{name}: built {n_params} parameters, the published model has {spec.expected_params}")
@@ -796,12 +847,13 @@ def main(argv=None) -> dict:
                                "sample_shape": list(spec.sample_shape),
                                "text_shape": list(spec.text_shape) if spec.text_shape else None}
         print(f"model {name}: {n_params / 1e6:.2f}M parameters", flush=True)
-        cells = [(v, b) for v in args.variants for b in args.batches]
+        cells = [(v, b) for b in args.batches for v in args.variants]  # each batch a complete comparison
         for vname, batch in tqdm(cells, desc=name, unit="cell"):
             variant = parse_variant(vname)
-            if time.perf_counter() - t_start > args.total_seconds:
+            left = args.total_seconds - (time.perf_counter() - t_start)
+            if left <= 0 or (variant.compile and left < COMPILE_RESERVE_S):
                 rec = {"model": name, "variant": vname, "batch": batch, "status": "skipped",
-                       "error": f"--total-seconds {args.total_seconds:.0f} used up"}
+                       "error": f"--total-seconds {args.total_seconds:.0f}: {max(left, 0):.0f} s left"}
             elif variant.torchao and ao_missing:
                 rec = {"model": name, "variant": vname, "batch": batch, "status": "skipped", "error": ao_missing}
             else:

@@ -94,3 +94,50 @@ def test_model_configs_match_published_sizes(bench):
         sd = UNet2DConditionModel(**bench.SD15_UNET_CONFIG)
     assert bench.param_count(ddpm) == bench.DDPM_CIFAR10_PARAMS == 35_746_307
     assert bench.param_count(sd) == bench.SD15_PARAMS == 859_520_964
+
+
+def test_reachable_through_tgpq_cli(tmp_path, capsys):
+    """``tgpq bench -- <args>`` runs this script with the arguments after the separator."""
+    from tgpq.cli import main as cli_main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = cli_main(["bench", "--", "--quick", "--models", "tiny-ddpm", "--variants", "fp32-eager",
+                       "--no-profile", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    saved = json.loads(next(tmp_path.glob("sampling-cpu-*.json")).read_text())
+    assert [r["status"] for r in saved["results"]] == ["ok"]
+    assert "need a GPU" in capsys.readouterr().out
+
+
+def test_gpu_report_renders_all_statuses(bench, tmp_path):
+    """The GPU-only reporting path (peak memory, OOM / error / skipped cells) on hand-made records."""
+    def ok(variant, batch, seconds, weights, peak):
+        return {"model": "ddpm-cifar10", "variant": variant, "batch": batch, "status": "ok", "sampling_s": seconds,
+                "s_per_image": seconds / batch, "images_per_s": batch / seconds, "step_ms": seconds * 10,
+                "repeats": 3, "steps_timed": 300, "extrapolated": False, "warmup_s": 1.0,
+                "weight_bytes": weights, "peak_mem_bytes": peak, "device_model_bytes": weights}
+
+    results = [ok("fp16-eager", 256, 2.0, 71_000_000, 9e9), ok("tgpq-w8a8", 256, 1.25, 37_000_000, 8e9),
+               ok("fp16-eager", 16, 0.5, 71_000_000, 1e9),
+               {"model": "ddpm-cifar10", "variant": "tgpq-w4a8", "batch": 256, "status": "oom", "error": "CUDA OOM"},
+               {"model": "ddpm-cifar10", "variant": "tgpq-w8a8-compile", "batch": 16, "status": "skipped",
+                "error": "--total-seconds 540: 12 s left"}]
+    bench.add_ratios(results, "fp16-eager")
+    assert results[1]["speedup_vs_baseline"] == pytest.approx(1.6)
+    assert results[1]["peak_mem_vs_baseline"] == pytest.approx(8 / 9)
+    assert "speedup_vs_baseline" not in results[3]
+    doc = {"mode": "gpu", "device": "NVIDIA H100 80GB HBM3", "date": "2026-11-25T00:00:00+00:00", "torch": "2.11",
+           "triton": "3.6", "git_commit": "abc", "steps": 100, "baseline": "fp16-eager", "command": "x",
+           "models": {"ddpm-cifar10": {"description": "DDPM", "params": 35_746_307}}, "skipped_models": {},
+           "results": results, "profiles": [{"model": "ddpm-cifar10", "variant": "tgpq-w8a8", "batch": 256,
+                                             "steps": 2, "sorted_by": "self device time", "table": "t",
+                                             "top": [{"name": "qgemm_kernel", "calls": 4, "self_time_us": 10.0,
+                                                      "pct": 50.0}]}]}
+    md = bench.markdown_report(doc)
+    assert "1.60x" in md and "oom" in md and "skipped" in md and "qgemm_kernel" in md
+    assert "need a GPU" not in md
+    bench.plot_report(doc, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000
