@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", type=Path, default=ASSETS)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from these saved weights (same architecture) and train further; the JSON "
+                         "then records the earlier run under 'previous_runs'")
     ap.add_argument("--stats-only", action="store_true", help="skip training; recompute stats from saved weights")
     args = ap.parse_args()
 
@@ -106,9 +109,20 @@ def main() -> None:
         model = CifarResNet(stem=meta["architecture"]["stem"], widths=tuple(meta["architecture"]["widths"]))
         model.load_state_dict(load_file(str(w_path)))
         train_seconds = meta.get("train_seconds")
+        previous_runs = meta.get("previous_runs", [])
         steps_done = meta.get("steps")
         cpu_seconds = meta.get("train_cpu_seconds")
     else:
+        previous_runs = []
+        if args.init_from is not None:
+            model.load_state_dict(load_file(str(args.init_from)))
+            prev_cfg = args.init_from.with_suffix(".json")
+            if prev_cfg.is_file():
+                prev = json.loads(prev_cfg.read_text())
+                previous_runs = prev.get("previous_runs", []) + [
+                    {k: prev.get(k) for k in ("training_command", "steps", "train_seconds", "train_cpu_seconds",
+                                              "test_accuracy")}]
+            print(f"initialised from {args.init_from} (test accuracy {accuracy(model, xte_u8, yte):.4f})", flush=True)
         print(f"model: {n_params} parameters, batch {args.batch_size}, "
               + (f"{args.time_budget_min} min budget" if args.time_budget_min else f"{args.epochs} epochs"), flush=True)
         x_train = to_float_nchw(xtr_u8)
@@ -192,13 +206,16 @@ def main() -> None:
         "epochs_completed": None if steps_done is None else round(steps_done * args.batch_size / len(ytr), 2),
         "threads": args.threads,
         "training_command": "nice -n 10 python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out_dir", "stats_only")},
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                            if k not in ("out_dir", "stats_only")},
         "torch": torch.__version__,
+        "previous_runs": previous_runs,
     }
     if args.stats_only and cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
         meta["training_command"] = old.get("training_command", meta["training_command"])
         meta["hyperparameters"] = old.get("hyperparameters", meta["hyperparameters"])
+        meta["threads"] = old.get("threads", meta["threads"])
     cfg_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
 

@@ -256,15 +256,18 @@ def inception_outputs(images, weights_path: str | Path, batch_size: int = 50, re
 
 
 def inception_fid(images, reference, weights_path: str | Path, batch_size: int = 50, resize_to: int = 299,
-                  device: str | torch.device = "cpu", progress: bool = False) -> float:
-    """FID of ``images`` against ``reference``: an image batch, or precomputed ``(mu [2048], sigma [2048, 2048])``."""
+                  device: str | torch.device = "cpu", progress: bool = False, method: str = "sqrtm") -> float:
+    """FID of ``images`` against ``reference``: an image batch, or precomputed ``(mu [2048], sigma [2048, 2048])``.
+
+    ``method`` is passed to ``frechet_distance`` (``"sqrtm"``: pytorch-fid's recipe; ``"eigh"``: faster).
+    """
     kw = dict(weights_path=weights_path, batch_size=batch_size, resize_to=resize_to, device=device, progress=progress)
     mu, sigma = feature_stats(inception_outputs(images, **kw)[0])
     if isinstance(reference, tuple) and len(reference) == 2:
         mu_ref, sigma_ref = reference
     else:
         mu_ref, sigma_ref = feature_stats(inception_outputs(reference, **kw)[0])
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method)
 
 
 def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
