@@ -76,7 +76,7 @@ def test_classifier_input_layouts_agree(cifar_test, test_float):
     assert a.shape == (64, load_train_feature_stats()[0].shape[0])
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError):
-        classifier_features(test_float[:4, :, :16])  # not 3 x 32 x 32 after the channel check
+        classifier_features(test_float[:4, :, :16])  # 16 x 32: not CIFAR-sized
     with pytest.raises(ValueError):
         classifier_features(cifar_test[0][0])  # 3-D
 

@@ -123,6 +123,13 @@ def to_model_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x.float()
 
 
+def _cifar_input(images) -> torch.Tensor:
+    x = to_model_input(images)
+    if x.shape[-2:] != (32, 32):
+        raise ValueError(f"the CIFAR-10 classifier needs 32x32 images, got {tuple(x.shape[-2:])}")
+    return x
+
+
 @torch.no_grad()
 def classifier_features(images: torch.Tensor | np.ndarray, batch_size: int = 500, model: CifarResNet | None = None,
                         device: str | torch.device = "cpu") -> torch.Tensor:
@@ -131,7 +138,7 @@ def classifier_features(images: torch.Tensor | np.ndarray, batch_size: int = 500
     ``images``: uint8 NHWC ``[N, 32, 32, 3]`` or float NCHW ``[N, 3, 32, 32]`` in [-1, 1].
     """
     model = model if model is not None else load_classifier(device=device)
-    x = to_model_input(images)
+    x = _cifar_input(images)
     dev = next(model.parameters()).device
     out = [model.features(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else torch.empty(0, model.feature_dim)
@@ -142,7 +149,7 @@ def classifier_logits(images: torch.Tensor | np.ndarray, batch_size: int = 500, 
                       device: str | torch.device = "cpu") -> torch.Tensor:
     """Class logits ``[N, 10]`` float32 of the shipped classifier (same input contract as features)."""
     model = model if model is not None else load_classifier(device=device)
-    x = to_model_input(images)
+    x = _cifar_input(images)
     dev = next(model.parameters()).device
     out = [model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else torch.empty(0, model.head.out_features)
