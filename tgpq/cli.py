@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark script
+        rest = argv[1:]
+        args = argparse.Namespace(func=_cmd_bench, args=rest[1:] if rest[:1] == ["--"] else rest)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:

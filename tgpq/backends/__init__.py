@@ -10,21 +10,21 @@ extension is missing).
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from . import cpu, reference, triton
+from ..ops import has_extension
+
 NAMES = ("auto", "reference", "cpu", "triton")
+_MODULES = {"reference": reference, "cpu": cpu, "triton": triton}
+_CPU_DEFAULT = cpu if has_extension() else reference
 
 
 def resolve(name: str, x: torch.Tensor):
+    """The backend module for ``name`` and input ``x`` (a plain dict lookup: torch.compile traces it)."""
     if name == "auto":
-        if x.is_cuda:
-            name = "triton"
-        else:
-            from ..ops import has_extension
-
-            name = "cpu" if has_extension() else "reference"
-    if name not in NAMES:
+        return triton if x.is_cuda else _CPU_DEFAULT
+    mod = _MODULES.get(name)
+    if mod is None:
         raise ValueError(f"unknown backend {name!r}: choose one of {NAMES}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return mod
