@@ -37,11 +37,12 @@ def run_demo(out_dir="tgpq-demo", bits: str = "W8A8", method: str = "gac", num_i
     print(f"reference model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, device {device}")
 
     # Calibration: fast = fewer trajectories and steps, paper-size otherwise.
-    n_traj, n_steps, iters = (16, 50, 40) if fast else (256, 100, 2000)
+    # fast: 16 trajectories x 10 kept steps, 40 iterations, 3 gac weight steps per block (minutes on 2 cores)
+    n_traj, n_steps, iters, wsteps = (16, 50, 40, 3) if fast else (256, 100, 2000, 10)
     t0 = time.perf_counter()
     calib = collect_calibration(unet, DDIMScheduler(num_train_timesteps=1000), num_trajectories=n_traj,
-                                num_steps=n_steps, interval=5 if not fast else 5, seed=seed + 1)
-    cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=iters, seed=seed)
+                                num_steps=n_steps, interval=5, seed=seed + 1)
+    cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=iters, weight_steps=wsteps, seed=seed)
     qstate = calibrate(unet, calib, cfg)
     calib_s = time.perf_counter() - t0
     qunet = convert(unet, qstate)
