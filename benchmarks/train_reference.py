@@ -311,11 +311,20 @@ def export(args) -> None:
     a = state["args"]
     cmd = (f"python benchmarks/train_reference.py --ckpt {a['ckpt']} --batch-size {a['batch_size']} --lr {a['lr']} "
            f"--warmup {a['warmup']} --ema-decay {a['ema_decay']} --precision {a['precision']} --threads {a['threads']}")
+    precision = a["precision"]
+    if precision == "auto":
+        precision = resolve_precision("auto", torch.device(a.get("device", "cpu")))
+    precision = "bf16 autocast" if precision == "bf16" else "fp32"
+    if a.get("device", "cpu") == "cpu":
+        hardware = f"a shared 2-core CPU ({torch.backends.cpu.get_cpu_capability()}), niced, {a['threads']} threads"
+    else:
+        hardware = f"device {a['device']}"
+    note = f"\n{args.note}\n" if args.note else ""
     md = f"""# tgpq reference model: CIFAR-10 DDPM UNet (small)
 
 Trained by `benchmarks/train_reference.py` on the 50,000 CIFAR-10 training images, from scratch,
-on a 2-core CPU (AMD Zen 4) with bf16 autocast. Weights are the EMA weights, stored as float16.
-
+on {hardware} ({precision}). Weights are the EMA weights, stored as float16.
+{note}
 | | |
 |---|---|
 | architecture | `diffusers.UNet2DModel`, block_out_channels {config['block_out_channels']}, layers_per_block {config['layers_per_block']}, {', '.join(config['down_block_types'])} / mid block with attention / {', '.join(config['up_block_types'])}, single-head attention (attention_head_dim None), GroupNorm groups {config['norm_num_groups']} |
@@ -323,7 +332,7 @@ on a 2-core CPU (AMD Zen 4) with bf16 autocast. Weights are the EMA weights, sto
 | objective | epsilon prediction, MSE, uniform t in [0, 1000) |
 | noise schedule | linear betas 1e-4 .. 0.02, 1000 steps (`DDPMScheduler` defaults) |
 | data | CIFAR-10 train, inputs in [-1, 1], random horizontal flips |
-| optimiser | AdamW lr {a['lr']} (linear warmup {a['warmup']} steps), weight decay {a['weight_decay']}, grad clip {a['grad_clip']}, batch {a['batch_size']} |
+| optimiser (latest run) | AdamW lr {a['lr']} (linear warmup {a['warmup']} steps), weight decay {a['weight_decay']}, grad clip {a['grad_clip']}, batch {a['batch_size']} |
 | EMA decay | {a['ema_decay']} (effective min(decay, (1+step)/(10+step))) |
 | steps / images seen | {state['step']:,} / {state['images_seen']:,} ({state['images_seen'] / 50000:.1f} epochs) |
 | held-out loss | {loss:.5f} (eps-MSE, fp32, {HELDOUT_IMAGES} CIFAR-10 test images, seed {HELDOUT_SEED}: fixed images, timesteps and noise) |
@@ -360,7 +369,7 @@ def sample_grid(args) -> None:
     torch.set_num_threads(args.threads)
     model = load_reference_model(args.out)
     sch = DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
-    sch.set_timesteps(50)
+    sch.set_timesteps(args.sample_steps)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((64, 3, 32, 32), generator=gen)
     for t in tqdm(sch.timesteps, desc="DDIM"):
@@ -400,6 +409,8 @@ def main(argv=None) -> None:
     p.add_argument("--log-every-min", type=float, default=2.0)
     p.add_argument("--export", action="store_true", help="export EMA weights of --ckpt to --out")
     p.add_argument("--sample-grid", default=None, metavar="PNG", help="sample an 8x8 DDIM grid from --out")
+    p.add_argument("--sample-steps", type=int, default=50, help="--sample-grid: DDIM steps")
+    p.add_argument("--note", default="", help="--export: a paragraph added to the model card")
     p.add_argument("--out", default=str(REPO / "tgpq" / "assets" / "reference_unet.safetensors"))
     args = p.parse_args(argv)
     if args.export:

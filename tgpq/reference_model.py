@@ -123,7 +123,10 @@ def load_reference_model(path: str | os.PathLike | None = None, device: str | to
         if not state[k].is_floating_point():
             raise ValueError(f"{weights}: tensor {k!r} has dtype {state[k].dtype}, expected floating point")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device)
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    return model.eval()
 
 
 __all__ = ["REFERENCE_ARCHITECTURE", "build_unet", "load_reference_model", "reference_model_config"]
