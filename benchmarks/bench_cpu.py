@@ -479,10 +479,13 @@ def main(argv=None) -> dict:
     res = {"system": system_info(), "config": "quick" if a.quick else "ddpm_cifar10", "skipped": {}}
     res["peak"] = int8_peak(max(2, a.repeats))
     res["layers"] = [] if a.skip_layers else bench_layers(unet, a.layer_batches, a.repeats, size)
+    res["end_to_end"] = []
+    write_report(res, a.out)  # partial results survive an interrupted run
     contenders = build_contenders(unet, size, max(a.batches), not a.no_peers, res["skipped"])
     if a.no_peers:
         res["skipped"]["peers"] = "--no-peers / --quick"
     res["end_to_end"] = bench_end_to_end(unet, contenders, a.batches, a.repeats, size)
+    write_report(res, a.out)
     if a.sampling_steps:
         res["sampling"] = bench_sampling(contenders, a.sampling_steps, 16 if not a.quick else 2, size,
                                          [k for k in contenders if not k.startswith("pt2e")])
