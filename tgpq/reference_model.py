@@ -103,8 +103,8 @@ def load_reference_model(path: str | os.PathLike | None = None, device: str | to
     """
     weights = Path(path) if path is not None else DEFAULT_WEIGHTS
     cfg_path = _config_path(weights)
-    cfg = _read_config(cfg_path)
     state = _read_weights(weights)
+    cfg = _read_config(cfg_path)
     try:
         model = build_unet(cfg)
     except (TypeError, ValueError) as e:
