@@ -85,7 +85,21 @@ def convert(unet: nn.Module, qstate: QuantState, backend: str = "auto", inplace:
     install_router(model, router)
     model.tgpq_config = qstate.config
     set_backend(model, backend)
+    maybe_fuse_for_cpu(model, backend)
     return model
+
+
+def maybe_fuse_for_cpu(model: nn.Module, backend: str) -> None:
+    """On the CPU with the extension, fuse GroupNorm+SiLU+quantize into the convs and merge q/k/v
+    (``tgpq.cpu_fusion``); the patched forwards fall back to the plain path for any other backend
+    or device, so this never changes what is computed, only how fast."""
+    from .ops import has_extension
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if backend in ("auto", "cpu") and device.type == "cpu" and has_extension():
+        from .cpu_fusion import fuse_for_cpu
+
+        fuse_for_cpu(model)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -98,7 +112,13 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers (packed weights count at their packed size)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    """Bytes of the model's state (parameters and persistent buffers, i.e. what ``save`` writes;
+    packed weights count at their packed size). Backend caches such as the CPU kernels' repacked
+    weights are not included."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
     return total

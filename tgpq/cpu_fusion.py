@@ -146,7 +146,8 @@ def fuse_attention(attn: nn.Module) -> bool:
     qkv = _merge_qkv(attn)
     if qkv is None:
         return False
-    attn.add_module("tgpq_qkv", qkv)
+    # The merged layer lives in the processor only (not a submodule): the model's state_dict, and so
+    # tgpq.save / tgpq.load, stay exactly those of the unfused model.
     attn.set_processor(CpuAttnProcessor(qkv, attn.processor))
     return True
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
-from .convert import install_router, quantized_layers, set_backend
+from .convert import install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
 from .modules import QConv2d, QLinear, QSplitConv2d
 from .router import TimestepRouter
 
@@ -149,4 +149,6 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
         )
     model.load_state_dict(tensors, strict=True)
     set_backend(model, backend)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    maybe_fuse_for_cpu(model, backend)
+    return model
