@@ -72,9 +72,14 @@ def _cmd_bench(a):
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sampling.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script}: the benchmarks ship with the repository; run from a checkout")
+    # the benchmarks live in the repository, not in the installed package: a source checkout
+    # beside the package, or the current directory (run `tgpq bench` from the repository root)
+    candidates = [Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sampling.py",
+                  Path.cwd() / "benchmarks" / "bench_sampling.py"]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        raise FileNotFoundError("benchmarks/bench_sampling.py not found: the benchmarks ship with the repository; "
+                                "run `tgpq bench` from a checkout's root")
     sys.argv = [str(script)] + a.args
     runpy.run_path(str(script), run_name="__main__")
 
