@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
-from .convert import install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
+from .convert import _parent_and_attr, install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
 from .modules import QConv2d, QLinear, QSplitConv2d
 from .router import TimestepRouter
 
@@ -126,11 +126,9 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
     except Exception as e:  # diffusers raises several types for bad configs
         raise ValueError(f"{path}: cannot build {cls_name} from the config ({e})") from None
     for name, spec in meta["layers"].items():
-        parent_name, _, attr = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, attr)
-        except AttributeError:
+            parent, attr = _parent_and_attr(model, name)
+        except ValueError:
             raise ValueError(f"{path}: layer {name!r} does not exist in the given UNet config") from None
         setattr(parent, attr, _build_layer(spec, cfg.weight_bits, cfg.num_groups))
     table = tensors.get("tgpq_router.timestep_to_group")
