@@ -30,13 +30,17 @@ def small_unet():
     return make_small_unet()
 
 
-def minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=4, seed=0, sample_size=16):
+def minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=4, seed=0, sample_size=16,
+                  make_inputs=None, weight_scale="mse"):
     """A round-to-nearest QuantState: MSE weight scales, act scales from per-group abs-max of inputs.
 
     Test scaffolding for the foundation (calibration provides the real one).
+    ``make_inputs(generator, batch) -> (sample, extra_kwargs)`` builds each calibration call (default:
+    an RGB sample of ``sample_size``); ``weight_scale`` is ``"mse"`` (clipping search) or ``"absmax"``
+    (quicker).
     """
     from tgpq.convert import quantized_layers  # noqa: F401
-    from tgpq.numerics import act_scale_from_range, mse_weight_scale, quantize_weight
+    from tgpq.numerics import absmax_weight_scale, act_scale_from_range, mse_weight_scale, quantize_weight
     from tgpq.qstate import LayerQState, QuantState
     from tgpq.routing import group_of, uniform_timestep_groups
 
@@ -54,7 +58,11 @@ def minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=4, see
     with torch.no_grad():
         for t in timesteps:
             current["g"] = int(group_of(torch.tensor(t), table))
-            unet(torch.randn(batch, 3, sample_size, sample_size, generator=gen), t)
+            if make_inputs is None:
+                unet(torch.randn(batch, 3, sample_size, sample_size, generator=gen), t)
+            else:
+                sample, extra = make_inputs(gen, batch)
+                unet(sample, t, **extra)
     for h in hooks:
         h.remove()
     layers = {}
@@ -62,7 +70,10 @@ def minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=4, see
         m = unet.get_submodule(n)
         a = amax[n].clone()
         a[a == 0] = a.max() if a.max() > 0 else 1.0
-        s = mse_weight_scale(m.weight, config.weight_bits)
+        if weight_scale == "mse":
+            s = mse_weight_scale(m.weight, config.weight_bits)
+        else:
+            s = absmax_weight_scale(m.weight, config.weight_bits)
         layers[n] = LayerQState(quantize_weight(m.weight, s, config.weight_bits), s,
                                 act_scale_from_range(-a, a))
     return QuantState(config=config, timestep_to_group=table, layers=layers)

@@ -12,9 +12,7 @@ import torch
 import tgpq
 from tgpq import ops
 from tgpq.modules import QConv2d, QLinear
-from tgpq.numerics import absmax_weight_scale, act_scale_from_range, quantize_weight
-from tgpq.qstate import LayerQState, QuantState
-from tgpq.routing import group_of, uniform_timestep_groups
+from conftest import minmax_qstate
 
 CROSS_DIM, SEQ_LEN, LATENT_CH, SIZE = 32, 7, 4, 16
 
@@ -37,38 +35,14 @@ def make_conditional_unet(seed: int = 0):
 
 
 def conditional_minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=1, seed=0):
-    """``conftest.minmax_qstate`` for a conditional UNet: the calibration forwards pass text embeddings.
+    """``conftest.minmax_qstate`` for a conditional UNet: the calibration forwards pass random latents
+    and random text embeddings; abs-max weight scales (test scaffolding, must be quick)."""
 
-    Abs-max per-channel weight scales (no clipping search: this is test scaffolding and must be
-    quick); per timestep group, the activation step covers the abs-max of each layer's input over
-    random latents and random embeddings.
-    """
-    table = uniform_timestep_groups(config.num_groups, config.num_train_timesteps)
-    names = [n for n, m in unet.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(n.startswith(e) for e in config.exclude)]
-    amax = {n: torch.zeros(config.num_groups) for n in names}
-    current = {"g": 0}
-    hooks = []
-    for n in names:
-        def hook(mod, inp, out, n=n):
-            amax[n][current["g"]] = max(float(amax[n][current["g"]]), float(inp[0].abs().max()))
-        hooks.append(unet.get_submodule(n).register_forward_hook(hook))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in timesteps:
-            current["g"] = int(group_of(torch.tensor(t), table))
-            unet(torch.randn(batch, LATENT_CH, SIZE, SIZE, generator=gen), t,
-                 encoder_hidden_states=torch.randn(batch, SEQ_LEN, CROSS_DIM, generator=gen))
-    for h in hooks:
-        h.remove()
-    layers = {}
-    for n in names:
-        m = unet.get_submodule(n)
-        a = amax[n].clone()
-        a[a == 0] = a.max() if a.max() > 0 else 1.0
-        s = absmax_weight_scale(m.weight, config.weight_bits)
-        layers[n] = LayerQState(quantize_weight(m.weight, s, config.weight_bits), s, act_scale_from_range(-a, a))
-    return QuantState(config=config, timestep_to_group=table, layers=layers)
+    def make_inputs(gen, n):
+        return (torch.randn(n, LATENT_CH, SIZE, SIZE, generator=gen),
+                {"encoder_hidden_states": torch.randn(n, SEQ_LEN, CROSS_DIM, generator=gen)})
+
+    return minmax_qstate(unet, config, timesteps, batch, seed, make_inputs=make_inputs, weight_scale="absmax")
 
 
 @pytest.fixture(scope="module")
