@@ -85,10 +85,6 @@ def _cmd_bench(a):
 
 
 def _cmd_info(a):
-    import json
-
-    from safetensors import safe_open
-
     from .serialization import _read
 
     meta, tensors = _read(a.file)
@@ -96,7 +92,6 @@ def _cmd_info(a):
     cfg = meta["quant_config"]
     print(f"{a.file}: {meta['unet_class']}, W{cfg['weight_bits']}A{cfg['act_bits']} ({cfg['method']}), "
           f"{len(meta['layers'])} quantized layers, {cfg['num_groups']} timestep groups, {nbytes / 1e6:.2f} MB")
-    del safe_open, json
 
 
 def build_parser() -> argparse.ArgumentParser:
