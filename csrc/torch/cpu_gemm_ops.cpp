@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/ukernel.h"
+#include "act_scale.h"
 
 namespace tgpq {
 namespace {
@@ -35,13 +36,7 @@ Isa resolve_isa(int64_t isa) {
 }
 
 float act_scale(const at::Tensor& a_scale, const at::Tensor& group_index) {
-  TORCH_CHECK(a_scale.dim() == 1 && a_scale.scalar_type() == at::kFloat && a_scale.numel() > 0,
-              "a_scale must be a non-empty 1-D float32 table");
-  TORCH_CHECK(group_index.numel() == 1, "group_index must hold one element");
-  const int64_t g = group_index.item<int64_t>();
-  TORCH_CHECK(g >= 0 && g < a_scale.numel(), "group index ", g, " is outside the scale table of ",
-              a_scale.numel(), " groups");
-  const float s = a_scale[g].item<float>();
+  const float s = read_act_scale(a_scale, group_index);
   TORCH_CHECK(s > 0.0f, "activation scale must be positive, got ", s);
   return s;
 }

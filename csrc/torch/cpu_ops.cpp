@@ -8,6 +8,7 @@
 
 #include "cpu/qgemm.h"
 #include "pack.h"
+#include "act_scale.h"
 
 namespace tgpq {
 
@@ -25,16 +26,6 @@ at::Tensor weight_int8(const at::Tensor& w_packed, int64_t bits, int64_t k) {
   }
   TORCH_CHECK(bits == 4, "bits must be 4 or 8, got ", bits);
   return unpack_int4_cpu(w_packed, k);
-}
-
-float read_act_scale(const at::Tensor& a_scale, const at::Tensor& group_index) {
-  TORCH_CHECK(a_scale.dim() == 1 && a_scale.scalar_type() == at::kFloat && a_scale.numel() > 0,
-              "a_scale must be a non-empty 1-D float32 table");
-  TORCH_CHECK(group_index.numel() == 1, "group_index must hold one element");
-  const int64_t g = group_index.item<int64_t>();
-  TORCH_CHECK(g >= 0 && g < a_scale.numel(), "group index ", g, " is outside the scale table of ",
-              a_scale.numel(), " groups");
-  return a_scale[g].item<float>();
 }
 
 // y [M, N] float32 = dequant(quant(x) [M, K] @ w^T) with rows split across threads.

@@ -6,6 +6,7 @@
 
 #include "cpu/qgemm.h"
 #include "pack.h"
+#include "act_scale.h"
 
 namespace tgpq {
 
@@ -28,15 +29,10 @@ at::Tensor pack_int4_cpu(const at::Tensor& q) {
 at::Tensor quantize_act_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quantize_act: input must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(a_scale.dim() == 1 && a_scale.scalar_type() == at::kFloat && a_scale.numel() > 0,
-              "quantize_act: a_scale must be a non-empty 1-D float32 table");
-  TORCH_CHECK(group_index.numel() == 1, "quantize_act: group_index must hold one element");
-  const int64_t g = group_index.item<int64_t>();
-  TORCH_CHECK(g >= 0 && g < a_scale.numel(), "quantize_act: group index ", g, " is outside the scale table of ",
-              a_scale.numel(), " groups");
+  const float s = read_act_scale(a_scale, group_index);
   auto xf = x.to(at::kFloat).contiguous();
   auto out = at::empty(xf.sizes(), xf.options().dtype(at::kChar));
-  quantize_act_f32(xf.data_ptr<float>(), xf.numel(), 1.0f / a_scale[g].item<float>(), out.data_ptr<int8_t>());
+  quantize_act_f32(xf.data_ptr<float>(), xf.numel(), 1.0f / s, out.data_ptr<int8_t>());
   return out;
 }
 
