@@ -92,6 +92,11 @@ def test_feature_frechet_distance_separates_real_from_noise_and_blur(test_float)
     assert fd_real < fd_blur / 3
 
 
+def test_feature_frechet_distance_takes_precomputed_features(test_float):
+    feats = classifier_features(test_float[:200])
+    assert feature_frechet_distance(feats) == pytest.approx(feature_frechet_distance(test_float[:200]), rel=1e-9)
+
+
 def test_precision_recall_real_vs_noise(test_features):
     train, _ = load_cifar10("train")
     ref = train[np.random.default_rng(2).permutation(len(train))[:2000]]

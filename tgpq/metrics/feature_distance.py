@@ -36,15 +36,22 @@ def load_train_feature_stats(path: str | Path | None = None) -> tuple[np.ndarray
     return _STATS_CACHE[key]
 
 
+def _features(x, batch_size: int) -> torch.Tensor:
+    """Classifier features of an image batch; ``x`` itself when it is already ``[N, D]`` features (2-D)."""
+    x_t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return x_t if x_t.ndim == 2 else classifier_features(x_t, batch_size=batch_size)
+
+
 def feature_frechet_distance(images, reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
                              batch_size: int = 500) -> float:
     """Frechet distance between the classifier features of ``images`` and the reference statistics.
 
-    ``images``: uint8 NHWC ``[N, 32, 32, 3]`` or float NCHW ``[N, 3, 32, 32]`` in [-1, 1], N >= 2.
+    ``images``: uint8 NHWC ``[N, 32, 32, 3]`` or float NCHW ``[N, 3, 32, 32]`` in [-1, 1], N >= 2
+    (or ``[N, D]`` features already computed with ``classifier_features``, recognised by being 2-D).
     ``reference_stats``: ``(mu, sigma)``; defaults to the shipped CIFAR-10 train statistics.
     """
     mu_ref, sigma_ref = reference_stats if reference_stats is not None else load_train_feature_stats()
-    mu, sigma = feature_stats(classifier_features(images, batch_size=batch_size))
+    mu, sigma = feature_stats(_features(images, batch_size))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
@@ -54,8 +61,4 @@ def classifier_precision_recall(images, reference_images, k: int = 3, batch_size
     Both are image batches as for ``feature_frechet_distance`` (or ``[N, D]`` feature tensors
     already computed with ``classifier_features``, recognised by being 2-D).
     """
-    def feats(x):
-        x_t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        return x_t if x_t.ndim == 2 else classifier_features(x_t, batch_size=batch_size)
-
-    return precision_recall(feats(reference_images), feats(images), k=k)
+    return precision_recall(_features(reference_images, batch_size), _features(images, batch_size), k=k)
