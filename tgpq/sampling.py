@@ -5,21 +5,29 @@ import torch
 from tqdm.auto import tqdm
 
 
-def initial_noise(num: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """float32 ``[num, *shape]`` Gaussian noise; sample ``i`` depends only on ``(seed, i)``."""
+def initial_noise(num: int, shape: tuple[int, int, int], seed: int = 0, first: int = 0,
+                  stride: int = 1) -> torch.Tensor:
+    """float32 ``[num, *shape]`` Gaussian noise of images ``first + k * stride`` (``k < num``);
+    image ``i``'s noise depends only on ``(seed, i)``, so a slice ``first=rank, stride=world_size``
+    gets the same noise as those rows of the full set."""
+    if first < 0 or stride < 1:
+        raise ValueError(f"first={first} must be >= 0 and stride={stride} >= 1")
     out = torch.empty(num, *shape)
-    for i in range(num):
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+    for k in range(num):
+        i = first + k * stride
+        out[k] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
     return out
 
 
 @torch.no_grad()
 def ddim_sample(unet, num: int, steps: int = 50, seed: int = 0, batch_size: int = 64, device=None,
-                dtype=torch.float32, progress: bool = True, eta: float = 0.0) -> torch.Tensor:
+                dtype=torch.float32, progress: bool = True, eta: float = 0.0, first: int = 0,
+                stride: int = 1) -> torch.Tensor:
     """Sample ``num`` images with DDIM (``steps`` steps). Returns float32 ``[num, C, H, W]`` in [-1, 1].
 
     Same seeds -> same starting noise for every model, so float and quantized samples compare
-    image by image.
+    image by image. ``first`` / ``stride`` pick the images ``first + k * stride`` of the seeded
+    sequence (``initial_noise``), e.g. one data-parallel rank's share.
     """
     from diffusers import DDIMScheduler
 
@@ -31,7 +39,7 @@ def ddim_sample(unet, num: int, steps: int = 50, seed: int = 0, batch_size: int 
     device = device or next(unet.parameters()).device
     sched = DDIMScheduler(num_train_timesteps=getattr(cfg, "num_train_timesteps", None) or 1000)
     sched.set_timesteps(steps)
-    noise = initial_noise(num, shape, seed)
+    noise = initial_noise(num, shape, seed, first, stride)
     out = []
     bar = tqdm(total=num * steps, desc="DDIM", unit="step", disable=not progress, leave=False)
     for start in range(0, num, batch_size):
