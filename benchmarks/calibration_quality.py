@@ -74,15 +74,62 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def load_model():
+def load_model(device="cpu"):
     try:
-        return tgpq.load_reference_model(), "reference model (tgpq.load_reference_model)"
+        return tgpq.load_reference_model(device=device), "reference model (tgpq.load_reference_model)"
     except (FileNotFoundError, ValueError) as e:
         from tgpq.reference_model import REFERENCE_ARCHITECTURE, build_unet
 
         torch.manual_seed(0)
         print(f"reference weights unavailable ({e}); using a randomly initialised reference architecture")
-        return build_unet(dict(REFERENCE_ARCHITECTURE)).eval(), "random-init reference architecture (no weights shipped yet)"
+        return (build_unet(dict(REFERENCE_ARCHITECTURE)).eval().to(device),
+                "random-init reference architecture (no weights shipped yet)")
+
+
+def add_calibration_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """The calibration-set and reconstruction options (also used by quality.py, whose ``--batch-size``
+    is the sampling batch: it passes ``batch_flag="--calib-batch-size"``)."""
+    p.add_argument("--traj", type=int, default=16, help="calibration trajectories")
+    p.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration trajectories")
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--iters", type=int, default=40, help="reconstruction iterations per block")
+    p.add_argument("--weight-steps", type=int, default=3, help="gac logit updates per block")
+    p.add_argument("--lr-adaround", type=float, default=3e-2,
+                   help="AdaRound lr (3e-2: BRECQ's 1e-3 is for 20k iterations; see the calibration notes)")
+    p.add_argument(batch_flag, dest="calib_batch_size", type=int, default=32, help="reconstruction mini-batch")
+
+
+def collect_calibration_set(unet, a, progress: bool = True):
+    """The one calibration set every (bits, method) shares: ``a.traj`` DDIM trajectories (seed 1000)."""
+    from diffusers import DDIMScheduler
+
+    return collect_calibration(unet, DDIMScheduler(num_train_timesteps=1000), num_trajectories=a.traj,
+                               num_steps=a.calib_steps, interval=a.interval, seed=1000, batch_size=64,
+                               progress=progress)
+
+
+def quant_config(a, bits: str, method: str) -> QuantConfig:
+    from tgpq.config import parse_bits
+
+    wb, ab = parse_bits(bits)
+    return QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=a.iters, batch_size=a.calib_batch_size,
+                       weight_steps=a.weight_steps, lr_adaround=a.lr_adaround, seed=0)
+
+
+def timed_calibrate(unet, calib, cfg: QuantConfig, progress: bool = True):
+    """``(qstate, wall seconds, peak RSS increase in bytes)`` of ``calibrate(unet, calib, cfg)``."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        qstate = calibrate(unet, calib, cfg, progress=progress)
+        seconds = time.perf_counter() - t0
+    return qstate, seconds, mem.increase
+
+
+def calibration_setting(a, calib) -> str:
+    """One sentence stating the calibration set and the reconstruction options."""
+    return (f"{len(calib)} samples ({a.traj} trajectories x {calib.kept_timesteps.numel()} kept steps of "
+            f"{a.calib_steps}-step DDIM) + {calib.val_x.shape[0]} validation; iters {a.iters}, gac weight steps "
+            f"{a.weight_steps}, lr_adaround {a.lr_adaround}, batch {a.calib_batch_size}")
 
 
 def quantized(unet, qstate):
@@ -130,14 +177,7 @@ def frechet(images):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--traj", type=int, default=16, help="calibration trajectories")
-    p.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration trajectories")
-    p.add_argument("--interval", type=int, default=5)
-    p.add_argument("--iters", type=int, default=40, help="reconstruction iterations per block")
-    p.add_argument("--weight-steps", type=int, default=3, help="gac logit updates per block")
-    p.add_argument("--lr-adaround", type=float, default=3e-2,
-                   help="AdaRound lr (3e-2: BRECQ's 1e-3 is for 20k iterations; see the calibration notes)")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_calibration_args(p)
     p.add_argument("--images", type=int, default=32, help="evaluation images")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation")
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
@@ -148,15 +188,12 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from diffusers import DDIMScheduler
-    from tgpq.config import parse_bits
     from tgpq.metrics import psnr
 
     unet, model_desc = load_model()
     n_params = sum(p.numel() for p in unet.parameters())
     t0 = time.perf_counter()
-    calib = collect_calibration(unet, DDIMScheduler(num_train_timesteps=1000), num_trajectories=a.traj,
-                                num_steps=a.calib_steps, interval=a.interval, seed=1000, batch_size=64)
+    calib = collect_calibration_set(unet, a)
     collect_s = time.perf_counter() - t0
     print(f"{model_desc}: {n_params / 1e6:.2f}M params; calibration set {len(calib)} + {calib.val_x.shape[0]} "
           f"samples in {collect_s:.1f} s")
@@ -164,14 +201,9 @@ def main(argv=None):
     rows = []
     fp_fd = None
     for bits in a.bits:
-        wb, ab = parse_bits(bits)
         for method in a.methods:
-            cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=a.iters, batch_size=a.batch_size,
-                              weight_steps=a.weight_steps, lr_adaround=a.lr_adaround, seed=0)
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                qstate = calibrate(unet, calib, cfg)
-                calib_s = time.perf_counter() - t0
+            cfg = quant_config(a, bits, method)
+            qstate, calib_s, rss_increase = timed_calibrate(unet, calib, cfg)
             if method == "gac":
                 from tgpq.calibration import plot_sample_weights
                 png = Path(a.out).parent / f"{Path(a.out).name}_gac_{bits}_weights.png"
@@ -189,7 +221,7 @@ def main(argv=None):
                 "eps_mse_per_group": mse, "eps_mse_mean": sum(v for v in mse if v is not None) / max(1, sum(v is not None for v in mse)),
                 "psnr_vs_fp_db": float(psnr(q_img, fp_img)),
                 "feature_fd": frechet(q_img) if real_model else None,
-                "calib_seconds": calib_s, "calib_peak_rss_increase_mb": mem.increase / 2**20,
+                "calib_seconds": calib_s, "calib_peak_rss_increase_mb": rss_increase / 2**20,
                 "mean_block_mse_ratio_final_over_rtn": (sum(block_ratio) / len(block_ratio)) if block_ratio else None,
             }
             rows.append(row)
@@ -204,9 +236,7 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     g = len(rows[0]["eps_mse_per_group"])
     lines = [f"# Calibration quality ({model_desc}, {n_params / 1e6:.2f}M params)", "",
-             f"Calibration: {len(calib)} samples ({a.traj} trajectories x {calib.kept_timesteps.numel()} kept steps of "
-             f"{a.calib_steps}-step DDIM) + {calib.val_x.shape[0]} validation; iters {a.iters}, gac weight steps "
-             f"{a.weight_steps}, lr_adaround {a.lr_adaround}, batch {a.batch_size}. Evaluation: {a.images} images, "
+             f"Calibration: {calibration_setting(a, calib)}. Evaluation: {a.images} images, "
              f"{a.sample_steps}-step DDIM, seeds disjoint from calibration; {torch.get_num_threads()} threads. "
              f"eps MSE per timestep group (group 0 = lowest t). FP feature FD: {fp_fd}.", "",
              "| bits | method | " + " | ".join(f"eps MSE g{i}" for i in range(g)) +
