@@ -47,12 +47,16 @@ void pack_weight_c4(const int8_t* w, int64_t n, int64_t k, int bits, int8_t* out
 // out[i] = clamp(rne(x[i] * inv), -127, 127) + 128 as u8.
 void quantize_u8(const float* x, int64_t n, float inv, uint8_t* out, Isa isa);
 
+// dst[i] = int16(src[i]) - 128 (the s16 kernels' activation rows).
+void widen_u8_s16(const uint8_t* src, int64_t n, int16_t* dst);
+
 // ---- microkernels --------------------------------------------------------------------------------
 // One output tile: rows [0, mr) x columns [0, nc) with mr <= MR and nc <= NR of the kernel.
 struct GemmTile {
   int64_t mr, nc, kg;              // rows, valid columns, K groups (packed_k_groups)
-  const uint8_t* a;                // row r at a + r * lda; kg * 4 readable bytes per row
-  int64_t lda;
+  const uint8_t* a;                // u8 kernels: row r at a + r * lda; kg * 4 readable bytes per row
+  const int16_t* a16;              // s16 kernels: row r at a16 + r * lda; kg * 4 values a_u8 - 128
+  int64_t lda;                     // elements between rows of a (or a16)
   const int8_t* w;                 // first packed block of the tile
   int64_t w_block_stride;          // bytes between 16-column blocks (packed_block_bytes)
   const int32_t* wsum;             // [nc] at the tile's first column
@@ -66,11 +70,12 @@ struct UKernel {
   UKernelFn fn;
   int mr, nr;
   const char* name;
+  bool a_s16;  // reads GemmTile::a16 (gemm_block widens the u8 block once) instead of GemmTile::a
 };
 
 void qs8_qc8w_gemm_4x64c4__avx512vnni(const GemmTile& t);
 void qs8_qc4w_gemm_4x64c4__avx512vnni(const GemmTile& t);
-void qs8_qc8w_gemm_4x16c4__avx2(const GemmTile& t);
+void qs8_qc8w_gemm_6x8c4__avx2(const GemmTile& t);  // s16 activations (vpmaddwd)
 void qs8_qc4w_gemm_4x16c4__avx2(const GemmTile& t);
 void qs8_qc8w_gemm_4x16c4__scalar(const GemmTile& t);
 void qs8_qc4w_gemm_4x16c4__scalar(const GemmTile& t);
@@ -80,6 +85,7 @@ UKernel select_ukernel(Isa isa, int bits);
 
 // Single-threaded GEMM over a packed A block of m rows (lda bytes each) and columns
 // [n0, n0 + nc) of a packed weight: tiles it with `uk`. y points at column n0 of row 0.
+// For an s16 kernel the block is first widened (a_u8 - 128) into a thread-local buffer.
 void gemm_block(const UKernel& uk, int64_t m, int64_t n0, int64_t nc, int64_t kg, const uint8_t* a,
                 int64_t lda, const int8_t* w, int64_t w_block_stride, const int32_t* wsum,
                 const float* scale, const float* bias, float* y, int64_t ldy);

@@ -10,12 +10,23 @@
 
 using namespace tgpq::cpu;
 
-static void check_gemm(Isa isa, int bits, int64_t m, int64_t n, int64_t k, std::mt19937& rng) {
+// extreme = true: every activation and weight at the end of its range (+-127, int4 -8 / 7, int8 +-127),
+// with a long K: the largest int16 partial sums and int32 accumulators the kernels can meet.
+static void check_gemm(Isa isa, int bits, int64_t m, int64_t n, int64_t k, std::mt19937& rng,
+                       bool extreme = false) {
   const int lim = bits == 8 ? 127 : 7;
-  std::uniform_int_distribution<int> dw(-lim, lim), da(-127, 127);
+  std::uniform_int_distribution<int> dw(-lim, lim), da(-127, 127), coin(0, 1);
   std::uniform_real_distribution<float> df(0.5f, 2.0f);
   std::vector<int8_t> w(n * k);
-  for (auto& v : w) v = static_cast<int8_t>(dw(rng));
+  // extreme: even columns all at the negative end, even rows all +127 (the worst int16 partial sums
+  // of the u8 x s4 path: 8 groups of 2 * 255 * -8), odd ones random among the ends.
+  const int wmin = bits == 4 ? -8 : -127;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < k; ++p) {
+      int v = dw(rng);
+      if (extreme) v = (j % 2 == 0 || coin(rng)) ? wmin : lim;
+      w[j * k + p] = static_cast<int8_t>(v);
+    }
   const int64_t kg = packed_k_groups(k, bits), bstride = packed_block_bytes(k, bits);
   const int64_t nb = (n + 15) / 16;
   std::vector<int8_t> wp(nb * bstride);
@@ -26,7 +37,7 @@ static void check_gemm(Isa isa, int bits, int64_t m, int64_t n, int64_t k, std::
   std::vector<int8_t> xs(m * k);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t p = 0; p < k; ++p) {
-      xs[i * k + p] = static_cast<int8_t>(da(rng));
+      xs[i * k + p] = static_cast<int8_t>(extreme ? ((i % 2 == 0 || coin(rng)) ? 127 : -127) : da(rng));
       a[i * lda + p] = static_cast<uint8_t>(xs[i * k + p] + 128);
     }
   std::vector<float> scale(nb * 16), bias(nb * 16);
@@ -62,6 +73,8 @@ int main() {
     }
     for (int bits : {8, 4})
       for (auto& s : shapes) check_gemm(isa, bits, s[0], s[1], s[2], rng);
+    for (int bits : {8, 4})
+      for (int64_t k : {2304, 4611}) check_gemm(isa, bits, 7, 19, k, rng, /*extreme=*/true);
     // quantizer: ties to even, clamping, and the vector body + scalar tail agree
     std::vector<float> x(77);
     std::uniform_real_distribution<float> dx(-300.f, 300.f);
