@@ -147,6 +147,30 @@ def test_bf16_and_noncontiguous_inputs_are_correct():
     assert torch.equal(ql(xl), ql(xl.contiguous()))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_conv_row_bias_and_residual_are_the_separate_adds(bits):
+    """The in-cache adds of cpu_qconv2d equal ``(conv + row_bias[:, :, None, None]) + residual`` exactly."""
+    gen = torch.Generator().manual_seed(21 + bits)
+    conv = torch.nn.Conv2d(20, 37, 3, 2, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, bits, 1, gen), bits)
+    layer.backend = "cpu"
+    x = torch.randn(3, 20, 11, 9, generator=gen)
+    rb = torch.randn(3, 37, generator=gen)
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            y = cb.conv2d(layer, x)
+            res = torch.randn(y.shape, generator=gen)  # NCHW-contiguous: read in channels_last order
+            assert torch.equal(cb.conv2d(layer, x, rb), y + rb[:, :, None, None])
+            assert torch.equal(cb.conv2d(layer, x, None, res), y + res)
+            assert torch.equal(cb.conv2d(layer, x, rb, res), (y + rb[:, :, None, None]) + res)
+            xq = cb.quantize_nhwc(layer, x)
+            assert torch.equal(cb.conv2d_u8(layer, xq, rb, res), (y + rb[:, :, None, None]) + res)
+    with pytest.raises(RuntimeError, match="row_bias must be"):
+        cb.conv2d(layer, x, torch.randn(3, 36))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        cb.conv2d(layer, x, None, torch.randn(3, 37, 6, 6))
+
+
 def test_bad_input_raises_clearly():
     gen = torch.Generator().manual_seed(6)
     conv = torch.nn.Conv2d(4, 3, 3, 1, 1)
@@ -226,8 +250,10 @@ def qunet():
 def test_every_layer_of_converted_unet_matches_reference(qunet):
     from tgpq.backends import reference
     from tgpq.convert import set_backend
+    from tgpq.cpu_fusion import unfuse_for_cpu
 
     set_backend(qunet, "cpu")
+    unfuse_for_cpu(qunet)  # every layer through its module call, so the hooks see each one
     seen = []
 
     def check(mod, inp, out):

@@ -7,7 +7,9 @@
   quantize with the conv's activation scale, write uint8 NHWC: ``cpu_groupnorm_silu_quantize``)
   followed by the implicit-GEMM conv over that uint8 tensor (``cpu_qconv2d_u8``). Activations stay
   channels_last from block to block. Applies where the conv is a plain ``QConv2d``; a split conv
-  (concatenated skip input) keeps the unfused path for that half of the block.
+  (concatenated skip input) keeps the unfused norm for that half of the block. The time-embedding
+  add (into conv1), the second branch of a split conv and the residual add (into conv2) are done on
+  each GEMM output block while it is in cache instead of as separate passes.
 * ``Attention`` (self-attention, no mask): when ``to_q``, ``to_k``, ``to_v`` are ``QLinear`` layers with
   identical activation-scale tables (they read the same tensor), they are merged into one
   ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs. The
@@ -15,7 +17,8 @@
 
 Numerics: the fused GroupNorm + SiLU differs from torch's by a few float32 ulps (see
 ``csrc/torch/cpu_fused_ops.cpp``), so a quantized activation moves by one step only where it lies within
-~1e-6 of a rounding boundary; every other value is exactly what the unfused cpu backend computes.
+~1e-6 of a rounding boundary. The fused adds are the same float32 adds, except that a split conv1 sums
+``(branch0 + temb) + branch1`` where the module computes ``(branch0 + branch1) + temb`` (ulps).
 
 The patched forwards fall back to the original code when the input is not a CPU tensor, when grad is
 enabled, or when the layer's backend is forced to something other than ``cpu``/``auto``.
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import cpu as cpu_backend
-from .modules import QConv2d, QLinear
+from .modules import QConv2d, QLinear, QSplitConv2d
 
 
 def _cpu_path(layer, x: torch.Tensor) -> bool:
@@ -47,21 +50,39 @@ def _fusable_norm_conv(norm, conv) -> bool:
     return isinstance(norm, nn.GroupNorm) and isinstance(conv, QConv2d)
 
 
+def _conv(conv: nn.Module, x: torch.Tensor, row_bias: torch.Tensor | None = None,
+          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x) (+ row_bias[:, :, None, None]) (+ residual)``; on a quantized conv the adds happen in the
+    GEMM's output block while it is in cache (a split conv adds its second branch the same way)."""
+    if isinstance(conv, QConv2d):
+        return cpu_backend.conv2d(conv, x, row_bias, residual)
+    if isinstance(conv, QSplitConv2d):
+        chunks = torch.split(x, list(conv.in_splits), dim=1)
+        out = cpu_backend.conv2d(conv.parts[0], chunks[0], row_bias)
+        for part, chunk in zip(conv.parts[1:], chunks[1:]):
+            out = cpu_backend.conv2d(part, chunk, None, out)
+        return out if residual is None else out + residual
+    out = conv(x)
+    if row_bias is not None:
+        out = out + row_bias[:, :, None, None]
+    return out if residual is None else out + residual
+
+
 def _resnet_forward_cpu(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _cpu_path(self.conv2, input_tensor):
         return self._tgpq_orig_forward(input_tensor, temb, *args, **kwargs)
     x = input_tensor
-    if self._tgpq_fuse1:
-        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, x, self.conv1))
-    else:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+    t = None
     if self.time_emb_proj is not None and temb is not None:
-        t = temb if self.skip_time_act else self.nonlinearity(temb)
-        h = h + self.time_emb_proj(t)[:, :, None, None]
-    h = cpu_backend.conv2d_u8(self.conv2, cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2))
+        t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    if self._tgpq_fuse1:
+        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, x, self.conv1), t)
+    else:
+        h = _conv(self.conv1, self.nonlinearity(self.norm1(x)), t)
     if self.conv_shortcut is not None:
-        x = self.conv_shortcut(x)
-    out = x + h
+        x = _conv(self.conv_shortcut, x)
+    out = cpu_backend.conv2d_u8(self.conv2, cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2),
+                                residual=x)
     if self.output_scale_factor != 1.0:
         out = out / self.output_scale_factor
     return out

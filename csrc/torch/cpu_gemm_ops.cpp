@@ -2,7 +2,8 @@
 //
 //   cpu_prepack(w_packed, bits, k) -> (w_c4, wsum)       once per layer, at convert/load time
 //   cpu_quantize_nhwc(x, a_scale, group_index, isa)     float [B,C,H,W] (any layout) -> u8 [B,H,W,C]
-//   cpu_qconv2d_u8(xq, ...)                              u8 NHWC -> float32 channels_last [B,N,Ho,Wo]
+//   cpu_qconv2d_u8(xq, ..., row_bias, residual)         u8 NHWC -> float32 channels_last [B,N,Ho,Wo],
+//                                                        optional per-image bias and residual added in cache
 //   cpu_qconv2d(x, ...)                                  quantize_nhwc + qconv2d_u8
 //   cpu_qlinear(x, ...)                                  [..., K] float -> [..., N] float32, the
 //                                                        quantization fused into the A packing
@@ -83,10 +84,15 @@ void epilogue_vectors(float as, const at::Tensor& w_scale, const c10::optional<a
 }
 
 // Runs y[M, N] = epilogue(A @ W^T) where fill(m0, rows, buf, &lda) provides A rows [m0, m0+rows)
-// (packing them into buf, kg*4 bytes per row, or returning a direct pointer).
-template <typename Fill>
+// (packing them into buf, kg*4 bytes per row, or returning a direct pointer), then
+// post(m0, rows, n0, nc) on the block just written (still in cache).
+struct NoPost {
+  void operator()(int64_t, int64_t, int64_t, int64_t) const {}
+};
+
+template <typename Fill, typename Post = NoPost>
 void run_gemm(int64_t M, const PackedW& pw, Isa isa, const float* scale, const float* bias, float* y,
-              Fill fill) {
+              Fill fill, Post post = Post()) {
   const cpu::UKernel uk = cpu::select_ukernel(isa, pw.bits);
   const int64_t N = pw.n;
   const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
@@ -109,9 +115,53 @@ void run_gemm(int64_t M, const PackedW& pw, Isa isa, const float* scale, const f
       const uint8_t* a = fill(m0, rows, buf.data(), &lda);
       cpu::gemm_block(uk, rows, n0, nc, pw.kg, a, lda, pw.w, pw.bstride, pw.wsum, scale, bias,
                       y + m0 * N + n0, N);
+      post(m0, rows, n0, nc);
     }
   });
 }
+
+// Optional terms added after the epilogue, in this order: y = (fma(acc, scale, bias) + row_bias[b]) + residual.
+// row_bias: float32 [B, N] (one row per image, e.g. a time-embedding projection);
+// residual: float32 [B, N, Ho, Wo] of the output's shape, read in channels_last order.
+// The adds are the same float32 operations a separate `y + t[:, :, None, None]` / `y + r` performs.
+struct ConvExtras {
+  at::Tensor row_bias, residual;  // undefined when absent (contiguous float32 when present)
+  const float* rb = nullptr;
+  const float* res = nullptr;
+
+  ConvExtras(const c10::optional<at::Tensor>& row_bias_in, const c10::optional<at::Tensor>& residual_in, int64_t B,
+             int64_t N, int64_t Ho, int64_t Wo) {
+    if (row_bias_in && row_bias_in->defined()) {
+      TORCH_CHECK(row_bias_in->dim() == 2 && row_bias_in->size(0) == B && row_bias_in->size(1) == N,
+                  "qconv2d: row_bias must be [", B, ", ", N, "], got ", row_bias_in->sizes());
+      row_bias = row_bias_in->to(at::kFloat).contiguous();
+      rb = row_bias.data_ptr<float>();
+    }
+    if (residual_in && residual_in->defined()) {
+      TORCH_CHECK(residual_in->dim() == 4 && residual_in->size(0) == B && residual_in->size(1) == N &&
+                      residual_in->size(2) == Ho && residual_in->size(3) == Wo,
+                  "qconv2d: residual must have the output's shape [", B, ", ", N, ", ", Ho, ", ", Wo, "], got ",
+                  residual_in->sizes());
+      residual = residual_in->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+      res = residual.data_ptr<float>();
+    }
+  }
+  bool any() const { return rb || res; }
+  // rows [m0, m0 + rows) x columns [n0, n0 + nc) of y [M, N] (M = B * hw).
+  void apply(float* y, int64_t N, int64_t hw, int64_t m0, int64_t rows, int64_t n0, int64_t nc) const {
+    for (int64_t r = m0; r < m0 + rows; ++r) {
+      float* yr = y + r * N + n0;
+      if (rb) {
+        const float* b = rb + (r / hw) * N + n0;
+        for (int64_t c = 0; c < nc; ++c) yr[c] += b[c];
+      }
+      if (res) {
+        const float* x = res + r * N + n0;
+        for (int64_t c = 0; c < nc; ++c) yr[c] += x[c];
+      }
+    }
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> cpu_prepack(const at::Tensor& w_packed, int64_t bits, int64_t k) {
   TORCH_CHECK(w_packed.dim() == 2 && w_packed.scalar_type() == at::kChar,
@@ -169,7 +219,8 @@ at::Tensor cpu_qconv2d_u8(const at::Tensor& xq, const at::Tensor& w_c4, const at
                           const at::Tensor& w_scale, const at::Tensor& a_scale, const at::Tensor& group_index,
                           const c10::optional<at::Tensor>& bias, int64_t bits, int64_t out_channels,
                           int64_t in_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t isa_id) {
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t isa_id,
+                          const c10::optional<at::Tensor>& row_bias, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(xq.device().is_cpu() && xq.scalar_type() == at::kByte && xq.dim() == 4 && xq.is_contiguous(),
               "cpu_qconv2d_u8: expected a contiguous uint8 NHWC tensor [B, H, W, C]");
   TORCH_CHECK(xq.size(3) == in_channels, "qconv2d: input has ", xq.size(3),
@@ -217,7 +268,16 @@ at::Tensor cpu_qconv2d_u8(const at::Tensor& xq, const at::Tensor& w_c4, const at
     *lda = row_bytes;
     return buf;
   };
-  run_gemm(M, pw, isa, scale.data(), bvec.empty() ? nullptr : bvec.data(), y.data_ptr<float>(), fill);
+  const ConvExtras extras(row_bias, residual, B, out_channels, Ho, Wo);
+  float* yp = y.data_ptr<float>();
+  const float* bp = bvec.empty() ? nullptr : bvec.data();
+  if (extras.any()) {
+    run_gemm(M, pw, isa, scale.data(), bp, yp, fill, [&](int64_t m0, int64_t rows, int64_t n0, int64_t nc) {
+      extras.apply(yp, out_channels, Ho * Wo, m0, rows, n0, nc);
+    });
+  } else {
+    run_gemm(M, pw, isa, scale.data(), bp, yp, fill);
+  }
   return y.permute({0, 3, 1, 2});  // [B, N, Ho, Wo] view, channels_last memory
 }
 
@@ -225,13 +285,14 @@ at::Tensor cpu_qconv2d(const at::Tensor& x, const at::Tensor& w_c4, const at::Te
                        const at::Tensor& w_scale, const at::Tensor& a_scale, const at::Tensor& group_index,
                        const c10::optional<at::Tensor>& bias, int64_t bits, int64_t out_channels,
                        int64_t in_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t isa_id) {
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t isa_id,
+                       const c10::optional<at::Tensor>& row_bias, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4, "qconv2d: expected a 4-D input [B, C, H, W], got ", x.dim(), " dims");
   TORCH_CHECK(x.size(1) == in_channels, "qconv2d: input has ", x.size(1), " channels, the packed weight expects ",
               in_channels);
   auto xq = cpu_quantize_nhwc(x, a_scale, group_index, isa_id);
   auto y = cpu_qconv2d_u8(xq, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
-                          kernel_size, stride, padding, dilation, isa_id);
+                          kernel_size, stride, padding, dilation, isa_id, row_bias, residual);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -283,11 +344,11 @@ TORCH_LIBRARY_FRAGMENT(tgpq, m) {
   m.def(
       "cpu_qconv2d_u8(Tensor xq, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, int[2] dilation, int isa) -> Tensor");
+      "int[2] padding, int[2] dilation, int isa, Tensor? row_bias=None, Tensor? residual=None) -> Tensor");
   m.def(
       "cpu_qconv2d(Tensor x, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, int[2] dilation, int isa) -> Tensor");
+      "int[2] padding, int[2] dilation, int isa, Tensor? row_bias=None, Tensor? residual=None) -> Tensor");
   m.def(
       "cpu_qlinear(Tensor x, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int out_features, int in_features, int isa) -> Tensor");

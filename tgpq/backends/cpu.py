@@ -141,16 +141,20 @@ def _conv_args(layer):
             list(layer.padding), list(layer.dilation))
 
 
-def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
+def conv2d(layer, x: torch.Tensor, row_bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, Cin, H, W]`` float32/bfloat16 (channels_last is read without a copy) -> channels_last
-    ``[B, N, Ho, Wo]``; the quantization to u8 NHWC is one pass, then the implicit GEMM."""
+    ``[B, N, Ho, Wo]``; the quantization to u8 NHWC is one pass, then the implicit GEMM.
+
+    ``row_bias`` ``[B, N]`` and ``residual`` ``[B, N, Ho, Wo]`` (optional) are added to the output
+    while it is in cache: ``(conv + row_bias[:, :, None, None]) + residual``, the same float32 adds."""
     _check_input(x)
     if x.dim() != 4 or x.shape[1] != layer.in_channels:
         raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W] ({layer.in_channels} channels), "
                          f"got {tuple(x.shape)}")
     w_c4, wsum = prepare(layer)
     return torch.ops.tgpq.cpu_qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
-                                      *_conv_args(layer), _isa_id())
+                                      *_conv_args(layer), _isa_id(), row_bias, residual)
 
 
 def quantize_nhwc(layer, x: torch.Tensor) -> torch.Tensor:
@@ -159,16 +163,19 @@ def quantize_nhwc(layer, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.tgpq.cpu_quantize_nhwc(x, layer.a_scale, layer.group_index, _isa_id())
 
 
-def conv2d_u8(layer, xq: torch.Tensor) -> torch.Tensor:
+def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """Conv over an already quantized uint8 NHWC input ``[B, H, W, Cin]`` (produced with this layer's
-    activation scale, e.g. by ``groupnorm_silu_quantize``) -> float32 channels_last ``[B, N, Ho, Wo]``."""
+    activation scale, e.g. by ``groupnorm_silu_quantize``) -> float32 channels_last ``[B, N, Ho, Wo]``;
+    ``row_bias`` / ``residual`` as in ``conv2d``."""
     if xq.dtype != torch.uint8 or xq.dim() != 4:
         raise TypeError(f"conv2d_u8 expects a uint8 [B, H, W, C] tensor, got {xq.dtype} {tuple(xq.shape)}")
     if xq.shape[3] != layer.in_channels:
         raise ValueError(f"qconv2d: input has {xq.shape[3]} channels, the layer expects {layer.in_channels}")
     w_c4, wsum = prepare(layer)
     return torch.ops.tgpq.cpu_qconv2d_u8(xq.contiguous(), w_c4, wsum, layer.w_scale, layer.a_scale,
-                                         layer.group_index, layer.bias, *_conv_args(layer), _isa_id())
+                                         layer.group_index, layer.bias, *_conv_args(layer), _isa_id(),
+                                         row_bias, residual)
 
 
 def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True) -> torch.Tensor:
@@ -202,14 +209,14 @@ if ops.has_extension():
 
     @torch.library.register_fake("tgpq::cpu_qconv2d_u8")
     def _qconv2d_u8_fake(xq, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
-                         kernel_size, stride, padding, dilation, isa):
+                         kernel_size, stride, padding, dilation, isa, row_bias=None, residual=None):
         b, h, w, _ = xq.shape
         ho, wo = _conv_out_shape(h, w, kernel_size, stride, padding, dilation)
         return xq.new_empty((b, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
 
     @torch.library.register_fake("tgpq::cpu_qconv2d")
     def _qconv2d_fake(x, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
-                      kernel_size, stride, padding, dilation, isa):
+                      kernel_size, stride, padding, dilation, isa, row_bias=None, residual=None):
         b, _, h, w = x.shape
         ho, wo = _conv_out_shape(h, w, kernel_size, stride, padding, dilation)
         return x.new_empty((b, ho, wo, out_channels)).permute(0, 3, 1, 2)
