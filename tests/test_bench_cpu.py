@@ -1,0 +1,57 @@
+"""``benchmarks/bench_cpu.py --quick``: the CPU benchmark's smoke run (seconds) writes a complete report."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tgpq import ops
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
+
+pytestmark = pytest.mark.skipif(not ops.has_extension(), reason="tgpq C++ extension not built")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("bench_cpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("bench_cpu")
+    threads = torch.get_num_threads()
+    try:
+        res = mod.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return res, out / "quick"
+
+
+def test_quick_writes_json_markdown_png(quick):
+    res, out = quick
+    assert {p.name for p in out.iterdir()} >= {"bench_cpu.json", "bench_cpu.md", "bench_cpu.png"}
+    saved = json.loads((out / "bench_cpu.json").read_text())
+    assert saved["config"] == "quick" and saved["peak"]["isa"] in ("avx512vnni", "avx2", "scalar")
+    md = (out / "bench_cpu.md").read_text()
+    assert "End to end" in md and "tgpq_w8a8" in md and "Where tgpq W8A8 spends its time" in md
+
+
+def test_quick_covers_every_layer_shape_and_the_contenders(quick):
+    res, _ = quick
+    kinds = {r["shape"][0] for r in res["layers"]}
+    assert kinds == {"conv", "linear"}
+    assert sum(r["count"] for r in res["layers"]) >= 20  # every quantized Conv2d/Linear of the small UNet
+    for r in res["layers"]:
+        assert all(math.isfinite(v) and v > 0 for v in r["ms"].values()), r
+    (e2e,) = res["end_to_end"]
+    for name in ("fp32_eager", "tgpq_w8a8", "tgpq_w4a8", "tgpq_w8a8_unfused"):
+        assert math.isfinite(e2e["ms"][name]) and e2e["ms"][name] > 0
+    err = e2e["rel_rmse_vs_fp32"]
+    # min/max-calibrated random-weight UNet: W8A8 within a few percent of fp32, W4A8 looser
+    assert err["tgpq_w8a8"] < 0.15 and err["tgpq_w4a8"] < 0.5
+    # the fused CPU path computes what the unfused one does up to GroupNorm ulps
+    assert abs(err["tgpq_w8a8"] - err["tgpq_w8a8_unfused"]) < 0.01
+    assert res["sampling"]["steps"] == 2 and "tgpq_w8a8" in res["sampling"]["seconds"]
