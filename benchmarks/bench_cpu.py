@@ -72,6 +72,11 @@ def system_info() -> dict:
     return info
 
 
+def native_bf16(info: dict) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from ``system_info``'s flags."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(info.get("simd_flags", [])))
+
+
 # ------------------------------------------------------------------------------------------- timing
 def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Median seconds per call of each fn, interleaved (one call of each per round)."""
@@ -490,8 +495,13 @@ def main(argv=None) -> dict:
     res["end_to_end"] = bench_end_to_end(unet, contenders, a.batches, a.repeats, size)
     write_report(res, a.out)
     if a.sampling_steps:
-        res["sampling"] = bench_sampling(contenders, a.sampling_steps, 16 if not a.quick else 2, size,
-                                         [k for k in contenders if not k.startswith("pt2e")])
+        names = [k for k in contenders if not k.startswith("pt2e")]
+        if not native_bf16(res["system"]) and not a.quick:
+            names.remove("bf16_channels_last")
+            res["skipped"]["bf16_channels_last (sampling)"] = (
+                "no native bf16 on this CPU (no avx512_bf16 / amx_bf16 flag): bf16 is emulated and several times "
+                "slower than fp32 per forward (see the end-to-end table), so it is left out of the sampling loop")
+        res["sampling"] = bench_sampling(contenders, a.sampling_steps, 16 if not a.quick else 2, size, names)
     res["profile"] = profile_tgpq(contenders, a.batches[min(1, len(a.batches) - 1)], size)
     try:
         import tgpq
