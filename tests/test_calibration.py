@@ -252,3 +252,36 @@ def test_not_modified(calib):
     assert all(torch.equal(before[k], v) for k, v in u.state_dict().items())
     assert not any(type(m).__name__ == "QuantLayer" for m in u.modules())
     assert all(isinstance(m, (nn.Linear, nn.Conv2d)) for n, m in u.named_modules() if n.endswith("conv1"))
+
+
+def test_quantized_block_inputs(unet, calib, tmp_path):
+    """block_inputs="quantized": the first block sees the float model's inputs (identical result), later
+    blocks the partially quantized model's (a different result); resuming reproduces the run."""
+    fp = calibrate(unet, calib, _cfg("uniform"), progress=False)
+    cfg = _cfg("uniform", block_inputs="quantized")
+    q = calibrate(unet, calib, cfg, progress=False)
+    units = q.meta["units"]
+    first = [n for n in q.layers if n == units[0] or n.startswith(units[0] + ".")]
+    assert first
+    for name in first:
+        assert torch.equal(q.layers[name].weight_q, fp.layers[name].weight_q), name
+        assert torch.equal(q.layers[name].act_scale, fp.layers[name].act_scale), name
+    later = [n for n in q.layers if n not in first]
+    assert any(not torch.equal(q.layers[n].act_scale, fp.layers[n].act_scale) for n in later)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_block_3(event):
+        if event["stage"] == "start" and event["index"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        calibrate(unet, calib, cfg, checkpoint_path=tmp_path / "ck", callback=stop_in_block_3, progress=False)
+    r = calibrate(unet, calib, cfg, checkpoint_path=tmp_path / "ck", progress=False)
+    assert r.meta["resumed_blocks"] == sorted(units[:3])
+    for name, lq in q.layers.items():
+        assert torch.equal(lq.weight_q, r.layers[name].weight_q), name
+        assert torch.equal(lq.act_scale, r.layers[name].act_scale), name
+    with pytest.raises(ValueError, match="block_inputs"):
+        QuantConfig(block_inputs="float")

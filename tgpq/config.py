@@ -62,6 +62,10 @@ class QuantConfig:
     lr_sample_logits: float = 1e-1  # our choice (Adam on the logits s)
     weight_steps: int = 10  # our choice: logit updates before each block
     weights_carry_over: bool = True  # our choice: s carries over from block to block
+    # Where a block's reconstruction inputs come from: "fp" (the float model) or "quantized" (the
+    # model with every earlier block already quantized, so a block learns to correct the error it
+    # receives; BRECQ's / Q-Diffusion's asymmetric reconstruction). Targets are FP outputs either way.
+    block_inputs: str = "fp"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -83,6 +87,8 @@ class QuantConfig:
                 f"num_groups={self.num_groups} must be between 1 and num_train_timesteps="
                 f"{self.num_train_timesteps}"
             )
+        if self.block_inputs not in ("fp", "quantized"):
+            raise ValueError(f"block_inputs={self.block_inputs!r} is unknown: choose 'fp' or 'quantized'")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be positive")
         self.exclude = tuple(self.exclude)

@@ -2,10 +2,12 @@
 
 For every reconstruction unit (``blocks.find_units``), in the UNet's execution order:
 
-1. record the unit's FP inputs and outputs on the training set (and the validation set for gac)
+1. record the unit's inputs and FP outputs on the training set (and the validation set for gac)
    and, per timestep group, the EMA running min/max of every quantized layer's input
-   (``capture.capture_unit``). Units are fed **FP inputs** (BRECQ's default; our choice: blocks
-   are then independent, which makes the run resumable block by block at no cost);
+   (``capture.capture_unit``). ``config.block_inputs == "fp"`` (default): inputs from the float
+   model, blocks independent. ``"quantized"``: inputs from a float copy in which every finished
+   block is fake-quantized (``simulate.install_fake_quant``), so a block is fitted to the error it
+   will receive; targets stay the float model's outputs. Both resume block by block;
 2. wrap the unit's layers in ``QuantLayer`` (weight scale: MSE clipping search; act step per group
    from the EMA range) and measure the block output MSE with round-to-nearest: ``block_mse["rtn"]``;
 3. ``rtn`` stops here. ``uniform`` / ``gac``: (gac only) ``weight_steps`` look-ahead updates of the
@@ -33,12 +35,13 @@ from ..config import QuantConfig
 from ..qstate import LayerQState, QuantState
 from ..routing import group_of, timestep_groups_from_calibration
 from .blocks import ReconUnit, find_units
-from .capture import ActRangeStats, capture_unit, main_output
+from .capture import ActRangeStats, UnitData, capture_unit, main_output
 from .checkpoint import CalibrationCheckpoint
 from .collect import CalibrationSet
 from .fake_quant import GroupContext, QuantLayer, replace_submodule
 from .gac import learn_sample_logits, weights_from_logits
 from .reconstruct import block_output_mse, reconstruct_block, set_weight_mode
+from .simulate import attach_group_router, install_fake_quant
 
 
 def _check_calibration_set(calib: CalibrationSet, config: QuantConfig) -> None:
@@ -90,6 +93,19 @@ def _capture(unet, unit_module, layer_modules, x, t, cond, cond_kind, groups, ba
                         batches, stats, in_splits)
     order = torch.cat([b[0] for b in batches])
     return data.select(torch.argsort(order))
+
+
+def _capture_inputs_from(qwork, unet, unit, layer_names, x, t, cond, cond_kind, groups, batch_size, stats,
+                         device, dtype) -> UnitData:
+    """The unit's inputs (and activation ranges) from ``qwork`` (earlier blocks quantized), its targets
+    from the float ``unet``: the same samples in the same order."""
+    qmods = dict(qwork.named_modules())
+    q_in = _capture(qwork, qmods[unit.name], {n: qmods[n] for n in layer_names}, x, t, cond, cond_kind, groups,
+                    batch_size, stats, unit.in_splits, device, torch.float32)
+    mods = dict(unet.named_modules())
+    fp = _capture(unet, mods[unit.name], {n: mods[n] for n in layer_names}, x, t, cond, cond_kind, groups,
+                  batch_size, None, unit.in_splits, device, dtype)
+    return UnitData(q_in.treedef, q_in.leaves, q_in.batched, fp.out)
 
 
 def _build_quant_block(unit: ReconUnit, unit_module: nn.Module, stats: ActRangeStats, config: QuantConfig,
@@ -179,11 +195,18 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     block_seconds = {}
     ctx = GroupContext()
     bs = config.batch_size
+    qwork = None  # block_inputs == "quantized": a float copy whose finished blocks are fake-quantized
+    if config.block_inputs == "quantized":
+        qwork = copy.deepcopy(unet).float().eval()
+        qctx = GroupContext()
+        attach_group_router(qwork, table.to(device), qctx)
     try:
         for k, unit in enumerate(tqdm(units, desc=f"calibrate ({config.method})", disable=not progress)):
             if unit.name in done:
                 for name in unit.layers:
                     qstate.layers[name] = ckpt.layer(name)
+                if qwork is not None:
+                    install_fake_quant(qwork, {n: qstate.layers[n] for n in unit.layers}, config.weight_bits, qctx)
                 qstate.block_mse[unit.name] = ckpt.record["block_mse"][unit.name]
                 sw = ckpt.sample_weights(unit.name)
                 if sw is not None:
@@ -199,8 +222,12 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + k)
             layer_modules = {ln: modules[ln] for ln in unit.layers}
             stats = ActRangeStats(config.num_groups, config.act_ema_momentum, config.act_quantile)
-            train = _capture(unet, modules[unit.name], layer_modules, calib.x, calib.t, calib.cond, calib.cond_kind,
-                             groups, bs, stats, unit.in_splits, device, dtype)
+            if qwork is None:
+                train = _capture(unet, modules[unit.name], layer_modules, calib.x, calib.t, calib.cond,
+                                 calib.cond_kind, groups, bs, stats, unit.in_splits, device, dtype)
+            else:
+                train = _capture_inputs_from(qwork, unet, unit, unit.layers, calib.x, calib.t, calib.cond,
+                                             calib.cond_kind, groups, bs, stats, device, dtype)
             block = _build_quant_block(unit, modules[unit.name], stats, config, ctx).to(device)
             for m in block.modules():
                 if isinstance(m, QuantLayer):
@@ -209,9 +236,14 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             sample_w = None
             if config.method != "rtn":
                 if config.method == "gac":
-                    val = _capture(unet, modules[unit.name], layer_modules, calib.val_x, calib.val_t,
-                                   calib.val_cond, calib.cond_kind, val_groups, bs, None, unit.in_splits,
-                                   device, dtype)
+                    if qwork is None:
+                        val = _capture(unet, modules[unit.name], layer_modules, calib.val_x, calib.val_t,
+                                       calib.val_cond, calib.cond_kind, val_groups, bs, None, unit.in_splits,
+                                       device, dtype)
+                    else:
+                        val = _capture_inputs_from(qwork, unet, unit, unit.layers, calib.val_x, calib.val_t,
+                                                   calib.val_cond, calib.cond_kind, val_groups, bs, None,
+                                                   device, dtype)
                     if not config.weights_carry_over:
                         logits = torch.zeros(n, dtype=torch.float32)
                     set_weight_mode(block, "soft")
@@ -226,6 +258,8 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
                 mse["final"] = block_output_mse(block, ctx, train, groups, 4 * bs, device)
             layers = _layer_states(unit, block)
             qstate.layers.update(layers)
+            if qwork is not None:
+                install_fake_quant(qwork, layers, config.weight_bits, qctx)
             qstate.block_mse[unit.name] = mse
             if sample_w is not None:
                 qstate.sample_weights[unit.name] = sample_w
