@@ -97,7 +97,7 @@ def add_calibration_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-
     p.add_argument("--lr-adaround", type=float, default=3e-2,
                    help="AdaRound lr (3e-2: BRECQ's 1e-3 is for 20k iterations; see the calibration notes)")
     p.add_argument(batch_flag, dest="calib_batch_size", type=int, default=32, help="reconstruction mini-batch")
-    p.add_argument("--block-inputs", choices=["fp", "quantized"], default="fp",
+    p.add_argument("--block-inputs", choices=["fp", "quantized"], default="quantized",
                    help="reconstruction inputs: the float model's, or the model with earlier blocks quantized")
 
 
@@ -116,7 +116,7 @@ def quant_config(a, bits: str, method: str) -> QuantConfig:
     wb, ab = parse_bits(bits)
     return QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=a.iters, batch_size=a.calib_batch_size,
                        weight_steps=a.weight_steps, lr_adaround=a.lr_adaround,
-                       block_inputs=getattr(a, "block_inputs", "fp"), seed=0)
+                       block_inputs=getattr(a, "block_inputs", "quantized"), seed=0)
 
 
 def timed_calibrate(unet, calib, cfg: QuantConfig, progress: bool = True):
@@ -133,7 +133,7 @@ def calibration_setting(a, calib) -> str:
     return (f"{len(calib)} samples ({a.traj} trajectories x {calib.kept_timesteps.numel()} kept steps of "
             f"{a.calib_steps}-step DDIM) + {calib.val_x.shape[0]} validation; iters {a.iters}, gac weight steps "
             f"{a.weight_steps}, lr_adaround {a.lr_adaround}, batch {a.calib_batch_size}, "
-            f"block inputs {getattr(a, 'block_inputs', 'fp')}")
+            f"block inputs {getattr(a, 'block_inputs', 'quantized')}")
 
 
 def quantized(unet, qstate):

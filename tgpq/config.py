@@ -62,10 +62,12 @@ class QuantConfig:
     lr_sample_logits: float = 1e-1  # our choice (Adam on the logits s)
     weight_steps: int = 10  # our choice: logit updates before each block
     weights_carry_over: bool = True  # our choice: s carries over from block to block
-    # Where a block's reconstruction inputs come from: "fp" (the float model) or "quantized" (the
-    # model with every earlier block already quantized, so a block learns to correct the error it
-    # receives; BRECQ's / Q-Diffusion's asymmetric reconstruction). Targets are FP outputs either way.
-    block_inputs: str = "fp"
+    # Where a block's reconstruction inputs come from: "quantized" (the model with every earlier block
+    # already quantized, so a block learns to correct the error it receives; BRECQ's / Q-Diffusion's
+    # asymmetric reconstruction) or "fp" (the float model). Targets are FP outputs either way. Our
+    # choice, measured on the reference model at W4A8 (uniform, 80 samples, 30 iters): eps-MSE vs FP
+    # 1.60e-3 (quantized) vs 1.96e-3 (fp) vs 2.31e-3 (rtn); PSNR vs FP 23.8 / 22.4 / 21.9 dB.
+    block_inputs: str = "quantized"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

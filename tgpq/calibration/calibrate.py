@@ -4,10 +4,10 @@ For every reconstruction unit (``blocks.find_units``), in the UNet's execution o
 
 1. record the unit's inputs and FP outputs on the training set (and the validation set for gac)
    and, per timestep group, the EMA running min/max of every quantized layer's input
-   (``capture.capture_unit``). ``config.block_inputs == "fp"`` (default): inputs from the float
-   model, blocks independent. ``"quantized"``: inputs from a float copy in which every finished
-   block is fake-quantized (``simulate.install_fake_quant``), so a block is fitted to the error it
-   will receive; targets stay the float model's outputs. Both resume block by block;
+   (``capture.capture_unit``). ``config.block_inputs == "quantized"`` (default): inputs from a float
+   copy in which every finished block is fake-quantized (``simulate.install_fake_quant``), so a
+   block is fitted to the error it will receive; targets stay the float model's outputs.
+   ``"fp"``: inputs from the float model, blocks independent. Both resume block by block;
 2. wrap the unit's layers in ``QuantLayer`` (weight scale: MSE clipping search; act step per group
    from the EMA range) and measure the block output MSE with round-to-nearest: ``block_mse["rtn"]``;
 3. ``rtn`` stops here. ``uniform`` / ``gac``: (gac only) ``weight_steps`` look-ahead updates of the
