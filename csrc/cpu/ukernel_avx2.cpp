@@ -34,6 +34,17 @@ inline int32_t load32(const uint8_t* p) {
   return v;
 }
 
+// Stores the first `valid` (<= 8) floats of v at dst.
+TGPQ_AVX2 inline void store_partial(float* dst, __m256 v, int64_t valid) {
+  if (valid == 8) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(dst, tmp, static_cast<size_t>(valid) * sizeof(float));
+  }
+}
+
 TGPQ_AVX2 inline void store_rows(const GemmTile& t, __m256i acc[4][2], bool subtract_wsum) {
   for (int h = 0; h < 2; ++h) {
     const int64_t c0 = h * 8;
@@ -50,14 +61,7 @@ TGPQ_AVX2 inline void store_rows(const GemmTile& t, __m256i acc[4][2], bool subt
     const __m256 vsc = _mm256_load_ps(sc), vbi = _mm256_load_ps(bi);
     for (int64_t r = 0; r < t.mr; ++r) {
       const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], vws)), vsc, vbi);
-      float* dst = t.y + r * t.ldy + c0;
-      if (valid == 8) {
-        _mm256_storeu_ps(dst, v);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, v);
-        std::memcpy(dst, tmp, static_cast<size_t>(valid) * sizeof(float));
-      }
+      store_partial(t.y + r * t.ldy + c0, v, valid);
     }
   }
 }
@@ -127,14 +131,7 @@ TGPQ_AVX2 void avx2_w8_s16(const GemmTile& t) {
     const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc[r] + 8));
     const __m256i s = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(lo, hi), order);
     const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), vsc, vbi);
-    float* dst = t.y + r * t.ldy;
-    if (valid == 8) {
-      _mm256_storeu_ps(dst, v);
-    } else {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, v);
-      std::memcpy(dst, tmp, static_cast<size_t>(valid) * sizeof(float));
-    }
+    store_partial(t.y + r * t.ldy, v, valid);
   }
 }
 
