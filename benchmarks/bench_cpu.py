@@ -131,11 +131,13 @@ def rtn_qstate(unet, bits: int, timesteps=(999, 750, 500, 250, 10), batch: int =
 
 def tgpq_model(unet, bits: int, sample_size: int, fuse: bool = True):
     from tgpq.convert import convert
-    from tgpq.cpu_fusion import fuse_for_cpu
+    from tgpq.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
 
-    q = convert(unet, rtn_qstate(unet, bits, sample_size=sample_size), backend="cpu")
+    q = convert(unet, rtn_qstate(unet, bits, sample_size=sample_size), backend="cpu")  # fuses on CPU
     if fuse:
         fuse_for_cpu(q)
+    else:
+        unfuse_for_cpu(q)  # the per-layer path: separate GroupNorm, SiLU, quantize, adds
     return q
 
 
