@@ -95,16 +95,21 @@ def _capture(unet, unit_module, layer_modules, x, t, cond, cond_kind, groups, ba
     return data.select(torch.argsort(order))
 
 
-def _capture_inputs_from(qwork, unet, unit, layer_names, x, t, cond, cond_kind, groups, batch_size, stats,
-                         device, dtype) -> UnitData:
-    """The unit's inputs (and activation ranges) from ``qwork`` (earlier blocks quantized), its targets
-    from the float ``unet``: the same samples in the same order."""
-    qmods = dict(qwork.named_modules())
-    q_in = _capture(qwork, qmods[unit.name], {n: qmods[n] for n in layer_names}, x, t, cond, cond_kind, groups,
+def _capture_unit_data(unet, qwork, unit, unit_module, layer_modules, x, t, cond, cond_kind, groups, batch_size,
+                       stats, device, dtype) -> UnitData:
+    """The unit's inputs (and activation ranges, into ``stats``) and its float outputs as targets.
+
+    ``qwork is None``: everything from the float ``unet``. Otherwise the inputs and ranges come from
+    ``qwork`` (earlier blocks fake-quantized), the targets from ``unet``: same samples, same order.
+    """
+    if qwork is None:
+        return _capture(unet, unit_module, layer_modules, x, t, cond, cond_kind, groups, batch_size, stats,
+                        unit.in_splits, device, dtype)
+    qmods = dict(qwork.named_modules())  # rebuilt: finished blocks were replaced in qwork
+    q_in = _capture(qwork, qmods[unit.name], {n: qmods[n] for n in layer_modules}, x, t, cond, cond_kind, groups,
                     batch_size, stats, unit.in_splits, device, torch.float32)
-    mods = dict(unet.named_modules())
-    fp = _capture(unet, mods[unit.name], {n: mods[n] for n in layer_names}, x, t, cond, cond_kind, groups,
-                  batch_size, None, unit.in_splits, device, dtype)
+    fp = _capture(unet, unit_module, layer_modules, x, t, cond, cond_kind, groups, batch_size, None,
+                  unit.in_splits, device, dtype)
     return UnitData(q_in.treedef, q_in.leaves, q_in.batched, fp.out)
 
 
@@ -222,12 +227,8 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + k)
             layer_modules = {ln: modules[ln] for ln in unit.layers}
             stats = ActRangeStats(config.num_groups, config.act_ema_momentum, config.act_quantile)
-            if qwork is None:
-                train = _capture(unet, modules[unit.name], layer_modules, calib.x, calib.t, calib.cond,
-                                 calib.cond_kind, groups, bs, stats, unit.in_splits, device, dtype)
-            else:
-                train = _capture_inputs_from(qwork, unet, unit, unit.layers, calib.x, calib.t, calib.cond,
-                                             calib.cond_kind, groups, bs, stats, device, dtype)
+            train = _capture_unit_data(unet, qwork, unit, modules[unit.name], layer_modules, calib.x, calib.t,
+                                       calib.cond, calib.cond_kind, groups, bs, stats, device, dtype)
             block = _build_quant_block(unit, modules[unit.name], stats, config, ctx).to(device)
             for m in block.modules():
                 if isinstance(m, QuantLayer):
@@ -236,14 +237,9 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             sample_w = None
             if config.method != "rtn":
                 if config.method == "gac":
-                    if qwork is None:
-                        val = _capture(unet, modules[unit.name], layer_modules, calib.val_x, calib.val_t,
-                                       calib.val_cond, calib.cond_kind, val_groups, bs, None, unit.in_splits,
-                                       device, dtype)
-                    else:
-                        val = _capture_inputs_from(qwork, unet, unit, unit.layers, calib.val_x, calib.val_t,
-                                                   calib.val_cond, calib.cond_kind, val_groups, bs, None,
-                                                   device, dtype)
+                    val = _capture_unit_data(unet, qwork, unit, modules[unit.name], layer_modules, calib.val_x,
+                                             calib.val_t, calib.val_cond, calib.cond_kind, val_groups, bs, None,
+                                             device, dtype)
                     if not config.weights_carry_over:
                         logits = torch.zeros(n, dtype=torch.float32)
                     set_weight_mode(block, "soft")
