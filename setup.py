@@ -21,7 +21,8 @@ def _cuda_available() -> bool:
 
 def extension():
     root = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob("csrc/torch/*.cpp")) + ["csrc/pack.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/torch/*.cpp")) + sorted(glob.glob("csrc/layout/*.cpp")) + sorted(
+        glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     kwargs = dict(include_dirs=[os.path.join(root, "csrc")], extra_link_args=["-fopenmp"])
     if _cuda_available():

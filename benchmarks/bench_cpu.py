@@ -95,43 +95,19 @@ def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
 
 # --------------------------------------------------------------------------------------- calibration
 def rtn_qstate(unet, bits: int, timesteps=(999, 750, 500, 250, 10), batch: int = 4, sample_size: int = 32):
-    """Round-to-nearest QuantState: MSE weight scales, per-group activation scales from abs-max hooks."""
-    from tgpq.config import QuantConfig
-    from tgpq.numerics import act_scale_from_range, mse_weight_scale, quantize_weight
-    from tgpq.qstate import LayerQState, QuantState
-    from tgpq.routing import group_of, uniform_timestep_groups
+    """Round-to-nearest QuantState (``tgpq.calibration.rtn``): MSE weight scales, per-group activation
+    scales from the abs-max of layer inputs on seeded random images."""
+    from tgpq.calibration.rtn import rtn_quant_state
+    from tgpq.recipe import QuantConfig
 
-    config = QuantConfig(weight_bits=bits, act_bits=8, method="rtn")
-    table = uniform_timestep_groups(config.num_groups, config.num_train_timesteps)
-    names = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-             and not any(n.startswith(e) for e in config.exclude)]
-    amax = {n: torch.zeros(config.num_groups) for n in names}
-    cur = {"g": 0}
-    hooks = []
-    for n in names:
-        def hook(mod, inp, out, n=n):
-            amax[n][cur["g"]] = max(float(amax[n][cur["g"]]), float(inp[0].abs().max()))
-        hooks.append(unet.get_submodule(n).register_forward_hook(hook))
     gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for t in timesteps:
-            cur["g"] = int(group_of(torch.tensor(t), table))
-            unet(torch.randn(batch, 3, sample_size, sample_size, generator=gen), t)
-    for h in hooks:
-        h.remove()
-    layers = {}
-    for n in names:
-        m = unet.get_submodule(n)
-        a = amax[n].clone()
-        a[a == 0] = a.max() if a.max() > 0 else 1.0
-        s = mse_weight_scale(m.weight, bits)
-        layers[n] = LayerQState(quantize_weight(m.weight, s, bits), s, act_scale_from_range(-a, a))
-    return QuantState(config=config, timestep_to_group=table, layers=layers)
+    return rtn_quant_state(unet, QuantConfig(weight_bits=bits, act_bits=8, method="rtn"),
+                           lambda k, t: (torch.randn(batch, 3, sample_size, sample_size, generator=gen), {}), timesteps)
 
 
 def tgpq_model(unet, bits: int, sample_size: int, fuse: bool = True):
-    from tgpq.convert import convert
-    from tgpq.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
+    from tgpq.unet.convert import convert
+    from tgpq.unet.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
 
     q = convert(unet, rtn_qstate(unet, bits, sample_size=sample_size), backend="cpu")  # fuses on CPU
     if fuse:
@@ -168,15 +144,17 @@ def layer_shapes(unet, batch: int, sample_size: int) -> list[dict]:
 
 
 def _layer_case(key, batch: int, gen):
-    from tgpq.modules import QConv2d, QLinear
+    from tgpq.layout import conv_output_size
+    from tgpq.nn import QConv2d, QLinear
     from tgpq.numerics import mse_weight_scale, quantize_weight
-    from tgpq.qstate import LayerQState
+    from tgpq.recipe import LayerQState
 
     kind, cin, cout, k, s, p, h, w = key
     if kind == "conv":
         fl = nn.Conv2d(cin, cout, k, s, p)
         x = torch.randn(batch, cin, h, w, generator=gen)
-        macs = batch * cout * cin * k * k * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        ho, wo = conv_output_size((h, w), (k, k), (s, s), (p, p), (1, 1))
+        macs = batch * cout * cin * k * k * ho * wo
     else:
         fl = nn.Linear(cin, cout)
         x = torch.randn(h * batch, cin, generator=gen)  # h = rows per sample (1, or H*W for attention)
@@ -257,7 +235,7 @@ def int8_peak(repeats: int) -> dict:
     """GMAC/s of the serving int8 path on one large GEMM (a 1x1 conv over u8, M=4096, K=N=256: weights
     cache-resident, no im2col) and of fp32 ``mm`` (2048^3, MKL) on this CPU: the practical ceilings."""
     from tgpq.backends import cpu as cb
-    from tgpq.modules import QLinear
+    from tgpq.nn import QLinear
 
     layer = QLinear(256, 256, 8, 1)
     layer.w_packed.copy_(torch.randint(-127, 128, (256, 256), dtype=torch.int8))
@@ -265,7 +243,7 @@ def int8_peak(repeats: int) -> dict:
     layer.backend = "cpu"
     xq = (torch.randint(-127, 128, (1, 64, 64, 256)) + 128).to(torch.uint8)  # 4096 x 256
     conv = nn.Conv2d(256, 256, 1)
-    qconv = __import__("tgpq.modules", fromlist=["QConv2d"]).QConv2d(256, 256, 1, bits=8)
+    qconv = __import__("tgpq.nn", fromlist=["QConv2d"]).QConv2d(256, 256, 1, bits=8)
     qconv.w_packed.copy_(layer.w_packed)
     a = torch.randn(2048, 2048)
     fns = {"int8": lambda: cb.conv2d_u8(qconv, xq), "fp32_mm": lambda: a @ a}
@@ -494,7 +472,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     from diffusers import UNet2DModel
 
-    import tgpq.ops  # noqa: F401
+    import tgpq.backends.library  # noqa: F401
 
     cfg = QUICK_CONFIG if a.quick else DDPM_CONFIG
     if a.quick:

@@ -210,8 +210,7 @@ def run_conv(K, b, cin, cout, ks, st, pad, h, w, peaks):
     b16 = bias.half()
     make = lambda: (torch.randn(b, cin, h, w, device=dev).half().contiguous(memory_format=torch.channels_last),)  # noqa: E731
     rot = Rotating(make, b * cin * h * w * 2)
-    ho = (h + 2 * pad - ks) // st + 1
-    wo = (w + 2 * pad - ks) // st + 1
+    ho, wo = K.conv_out_size(h, ks, st, pad, 1), K.conv_out_size(w, ks, st, pad, 1)
     flops = 2 * b * ho * wo * cout * kdim
     geo = dict(in_channels=cin, kernel_size=ks, stride=st, padding=pad)
     rows = []

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import tgpq  # noqa: E402
 from tgpq import QuantConfig  # noqa: E402
 from tgpq.calibration import calibrate, collect_calibration, fake_quant_model  # noqa: E402
-from tgpq.routing import group_of  # noqa: E402
+from tgpq.nn.routing import group_of  # noqa: E402
 
 
 class PeakRSS:
@@ -78,7 +78,7 @@ def load_model(device="cpu"):
     try:
         return tgpq.load_reference_model(device=device), "reference model (tgpq.load_reference_model)"
     except (FileNotFoundError, ValueError) as e:
-        from tgpq.reference_model import REFERENCE_ARCHITECTURE, build_unet
+        from tgpq.unet.loading import REFERENCE_ARCHITECTURE, build_unet
 
         torch.manual_seed(0)
         print(f"reference weights unavailable ({e}); using a randomly initialised reference architecture")
@@ -111,7 +111,7 @@ def collect_calibration_set(unet, a, progress: bool = True):
 
 
 def quant_config(a, bits: str, method: str) -> QuantConfig:
-    from tgpq.config import parse_bits
+    from tgpq.recipe import parse_bits
 
     wb, ab = parse_bits(bits)
     return QuantConfig(weight_bits=wb, act_bits=ab, method=method, iters=a.iters, batch_size=a.calib_batch_size,
@@ -148,7 +148,7 @@ def quantized(unet, qstate):
 def eval_against_fp(unet, qunet, table, num_groups, num_images, steps, seed):
     """Per-group eps MSE along the FP trajectories, and both models' final images."""
     from diffusers import DDIMScheduler
-    from tgpq.sampling import ddim_sample, initial_noise
+    from tgpq.eval.sampling import ddim_sample, initial_noise
 
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)

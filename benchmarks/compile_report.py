@@ -7,7 +7,7 @@
 Rows (JSON list): kernel, config, target ("sm_90"/"sm_80"), ok, n_regs, spill_bytes, shared_bytes,
 int8_mma, mma_version, wgmma_wait_pendings, plus details (SASS int8 opcodes, cp.async/TMA counts,
 compile time). ``--check`` exits 1 when a row fails the gate: compiled, int8 tensor-core SASS
-present, no spills, shared memory within the target's per-block limit. See kernels/compile_check.py.
+present, no spills, shared memory within the target's per-block limit. See benchmarks/compile_check.py.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # explicit: the default 
 
 
 def _import_compile_check():
-    try:
-        from kernels import compile_check
-    except ImportError:  # installed layout
-        from tgpq.kernels import compile_check
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import compile_check
+
     return compile_check
 
 

@@ -3,7 +3,7 @@
 One calibration set (``calibration_quality.collect_calibration_set``) is shared by every
 (bits, method); each calibrated model is converted (``tgpq.convert``, ``--backend``), saved with
 ``tgpq.save`` under ``<out>_models/`` and sampled from the same seeds as the FP model: image ``i``
-starts from noise seeded by ``(--seed, i)`` (``tgpq.sampling.initial_noise``), so the images do not
+starts from noise seeded by ``(--seed, i)`` (``tgpq.eval.initial_noise``), so the images do not
 depend on the batch size or the number of ranks. Per row:
 
 * feature FD: Frechet distance of the shipped CIFAR-10 classifier's penultimate features vs the
@@ -41,14 +41,14 @@ import torch
 import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # calibration_quality, bench_sampling
+sys.path.insert(0, str(HERE))  # calibration_quality
 try:
     import tgpq
 except ImportError:  # a checkout without installing
     sys.path.insert(0, str(HERE.parent))
     import tgpq
 
-from bench_sampling import device_name, git_commit  # noqa: E402
+from tgpq.eval.bench.report import device_name, git_commit  # noqa: E402
 from calibration_quality import (add_calibration_args, calibration_setting, collect_calibration_set,  # noqa: E402
                                  load_model, quant_config, timed_calibrate)
 
@@ -116,7 +116,7 @@ class Metrics:
     """The per-row metrics on rank 0; reference features and statistics are computed once."""
 
     def __init__(self, num_images: int, device: torch.device, inception: str | None, fid_ref: str, seed: int):
-        from tgpq.data import load_cifar10
+        from tgpq.eval.cifar10 import load_cifar10
         from tgpq.metrics import classifier_features, load_train_feature_stats
 
         self.device, self.inception = device, inception
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def run(a: argparse.Namespace, argv: list[str], ranks: Ranks) -> dict | None:
-    from tgpq.sampling import ddim_sample
+    from tgpq.eval.sampling import ddim_sample
 
     out = Path(a.out)
     models_dir = out.parent / f"{out.name}_models"

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tgpq.data import load_cifar10  # noqa: E402
+from tgpq.eval.cifar10 import load_cifar10  # noqa: E402
 from tgpq.metrics.classifier import CifarResNet, classifier_features, classifier_logits  # noqa: E402
 from tgpq.metrics.frechet import feature_stats  # noqa: E402
 
@@ -191,7 +191,7 @@ def main() -> None:
                        for i in tqdm(range(0, len(xtr_u8), 5000), desc="train features")])
     mu, sigma = feature_stats(feats)
     save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, str(stats_path),
-              metadata={"source": "CIFAR-10 train (50000 images, JPEG-decoded by tgpq.data.load_cifar10)",
+              metadata={"source": "CIFAR-10 train (50000 images, JPEG-decoded by tgpq.eval.load_cifar10)",
                         "features": "tgpq.metrics.classifier.classifier_features", "count": str(len(feats))})
     meta = {
         "architecture": arch,

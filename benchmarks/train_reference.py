@@ -42,8 +42,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tgpq.data import load_cifar10  # noqa: E402
-from tgpq.reference_model import REFERENCE_ARCHITECTURE, build_unet, load_reference_model  # noqa: E402
+from tgpq.eval.cifar10 import load_cifar10  # noqa: E402
+from tgpq.unet.loading import REFERENCE_ARCHITECTURE, build_unet, load_reference_model  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000
 HELDOUT_IMAGES = 2000

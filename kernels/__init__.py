@@ -6,7 +6,7 @@ Self-contained: knows nothing of tgpq modules or diffusers. Public launchers:
 * ``qconv2d(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits, in_channels,
   kernel_size, stride, padding, dilation=(1, 1))``
 """
-from .qconv2d import qconv2d
+from .qconv2d import conv_out_size, qconv2d
 from .qgemm import qlinear
 
-__all__ = ["qconv2d", "qlinear"]
+__all__ = ["conv_out_size", "qconv2d", "qlinear"]

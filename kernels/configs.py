@@ -2,7 +2,7 @@
 
 Each entry is ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``. The lists are small on
 purpose (autotuning runs once per shape family and dtype on first use). Every config here is
-compiled ahead of time for its target by ``kernels.compile_check`` (and the CI test): it must
+compiled ahead of time for its target by ``benchmarks/compile_check.py`` (and the CI test): it must
 emit int8 tensor-core instructions, spill nothing and fit the target's shared memory.
 
 * ``SM90_*`` run on Hopper (wgmma, ``IGMMA.64xNx32.S8.S8``) and newer.

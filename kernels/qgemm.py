@@ -21,9 +21,6 @@ the multiply and the add also keeps the compiler from contracting them into an F
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 import triton.language as tl
@@ -130,21 +127,7 @@ def _grid(meta, m, n):
     return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
-_GLUON_STATE = {"disabled": os.environ.get("TGPQ_WGMMA_ASYNC", "1") == "0", "verified": False}
-
-
-def _use_gluon(path: str, x, bits: int, k: int) -> bool:
-    if path == "tl_dot" or bits != 8 or x.device.type != "cuda":
-        return False
-    eligible = torch.cuda.get_device_capability(x.device)[0] == 9 and k % 64 == 0
-    if path == "gluon":
-        if not eligible:
-            raise ValueError("qlinear(path='gluon') needs bits=8, an sm_90 device and k % 64 == 0")
-        return True
-    return eligible and not _GLUON_STATE["disabled"]
-
-
-def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int, k: int, path: str = "auto"):
+def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int, k: int, path: str = "tl_dot"):
     """Quantized linear layer on int8 tensor cores (see the module docstring for the math).
 
     x: [..., K] float16/bfloat16, contiguous. w_packed: int8 [N, K] (bits=8) or [N, ceil(K/2)]
@@ -153,15 +136,13 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
     bias: None or floating [N]. Returns [..., N] in x's dtype.
 
     CUDA tensors run the autotuned kernel; CPU tensors run the same kernel through Triton's
-    interpreter (slow; for tests). ``path``: ``"auto"`` (default) runs W8A8 on Hopper with
-    ``k % 64 == 0`` through the Gluon kernel that keeps one int8 wgmma in flight
-    (kernels/qgemm_gluon.py; set ``TGPQ_WGMMA_ASYNC=0`` to turn it off; its first call is checked
-    against the ``tl.dot`` kernel, and if it fails to compile with the installed triton or disagrees,
-    a warning is printed and the ``tl.dot`` kernel is used from then on), everything else through the autotuned ``tl.dot`` kernel; ``"tl_dot"`` / ``"gluon"``
-    force one (for benchmarks).
+    interpreter (slow; for tests). ``path``: ``"tl_dot"`` (default) the autotuned ``tl.dot`` kernel;
+    ``"gluon"`` the W8A8 Gluon kernel that keeps one int8 wgmma in flight (kernels/qgemm_gluon.py;
+    bits=8, an sm_90 device and ``k % 64 == 0``). Which one serves a model is chosen once per device
+    by ``tgpq.backends.triton``, not here.
     """
-    if path not in ("auto", "tl_dot", "gluon"):
-        raise ValueError(f"qlinear: path must be 'auto', 'tl_dot' or 'gluon', got {path!r}")
+    if path not in ("tl_dot", "gluon"):
+        raise ValueError(f"qlinear: path must be 'tl_dot' or 'gluon', got {path!r}")
     n = check_common(x, w_packed, w_scale, a_scale, group_index, bias, bits=bits, k=k, what="qlinear")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"qlinear: x has shape {tuple(x.shape)}, its last dim must be k={k}")
@@ -179,24 +160,12 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
     args = (x2, w_packed, y, w_scale, a_scale, group_index, bias_arg,
             m, n, k, w_packed.shape[1], a_scale.numel(), configs.m_bucket(m),
             x2.stride(0), w_packed.stride(0), y.stride(0))
-    if _use_gluon(path, x, bits, k):
+    if path == "gluon":
+        if bits != 8 or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9 or k % 64:
+            raise ValueError("qlinear(path='gluon') needs bits=8, an sm_90 device and k % 64 == 0")
         from .qgemm_gluon import launch as launch_gluon
-        if path == "gluon" or _GLUON_STATE["verified"]:
-            launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
-            return y.reshape(*lead, n)
-        try:  # first use: compile, then check against the tl.dot kernel before trusting it
-            launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
-            y_ref = qlinear(x2, w_packed, w_scale, a_scale, group_index, bias, bits=bits, k=k, path="tl_dot")
-            # same int32 sums and epilogue; only fp32 operation order and the output rounding differ
-            tol = 2.0 ** -9 * float(y_ref.abs().max()) + 1e-6
-            if not bool(((y.float() - y_ref.float()).abs() <= tol).all()):
-                raise RuntimeError("Gluon wgmma kernel disagrees with the tl.dot kernel on its first call")
-            _GLUON_STATE["verified"] = True
-            return y.reshape(*lead, n)
-        except Exception as e:  # noqa: BLE001 - compile failure or wrong numbers of the experimental path
-            _GLUON_STATE["disabled"] = True
-            warnings.warn(f"tgpq.kernels: Gluon wgmma kernel unavailable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the tl.dot kernel")
+        launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
+        return y.reshape(*lead, n)
     if x.device.type == "cpu":
         bm, bn, bk, _, _ = configs.INTERPRETER
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)

@@ -15,11 +15,11 @@ followed by ``wgmma.wait_group 0``. Gluon issues the wgmma by hand:
 so the global loads and the quantization of tile kt+1 overlap the wgmma of tile kt.
 Same math and layouts as ``qgemm.qgemm_kernel`` with bits=8 (see its docstring); K must be a
 multiple of BLOCK_K (the launcher checks). Gluon has no interpreter, so this kernel is only
-compiled here (kernels.compile_check); its numerics are checked on a GPU by
+compiled here (benchmarks/compile_check.py); its numerics are checked on a GPU by
 benchmarks/bench_kernels.py (max_rel_err) and tests/test_triton_kernels.py (GPU tests).
-``kernels.qlinear`` uses it by default for W8A8 on sm_90 when K % 64 == 0 (the wgmma-overlap
-variant is the default, as issue 9 asks; the speed verdict is the GPU benchmark's:
-``ours_w8a8`` vs ``ours_w8a8_tldot``); ``TGPQ_WGMMA_ASYNC=0`` turns it off.
+``kernels.qlinear(..., path="gluon")`` runs it; ``tgpq.backends.triton`` makes it the W8A8 variant on
+sm_90 when K % 64 == 0 after checking it once against the tl.dot kernel (the speed verdict is the
+GPU benchmark's: ``ours_w8a8_gluon`` vs ``ours_w8a8_tl_dot``); ``TGPQ_WGMMA_ASYNC=0`` turns it off.
 """
 from __future__ import annotations
 

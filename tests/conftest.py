@@ -32,48 +32,18 @@ def small_unet():
 
 def minmax_qstate(unet, config, timesteps=(999, 700, 400, 100, 10), batch=4, seed=0, sample_size=16,
                   make_inputs=None, weight_scale="mse"):
-    """A round-to-nearest QuantState: MSE weight scales, act scales from per-group abs-max of inputs.
+    """A round-to-nearest QuantState (``tgpq.calibration.rtn``) on seeded random inputs, one forward per timestep.
 
-    Test scaffolding for the foundation (calibration provides the real one).
-    ``make_inputs(generator, batch) -> (sample, extra_kwargs)`` builds each calibration call (default:
-    an RGB sample of ``sample_size``); ``weight_scale`` is ``"mse"`` (clipping search) or ``"absmax"``
-    (quicker).
+    ``make_inputs(generator, batch) -> (sample, extra_kwargs)`` builds each call (default: an RGB sample of
+    ``sample_size``); ``weight_scale`` is ``"mse"`` (clipping search) or ``"absmax"`` (quicker).
     """
-    from tgpq.convert import quantized_layers  # noqa: F401
-    from tgpq.numerics import absmax_weight_scale, act_scale_from_range, mse_weight_scale, quantize_weight
-    from tgpq.qstate import LayerQState, QuantState
-    from tgpq.routing import group_of, uniform_timestep_groups
+    from tgpq.calibration.rtn import rtn_quant_state
 
-    table = uniform_timestep_groups(config.num_groups, config.num_train_timesteps)
-    names = [n for n, m in unet.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(n.startswith(e) for e in config.exclude)]
-    amax = {n: torch.zeros(config.num_groups) for n in names}
-    current = {"g": 0}
-    hooks = []
-    for n in names:
-        def hook(mod, inp, out, n=n):
-            amax[n][current["g"]] = max(float(amax[n][current["g"]]), float(inp[0].abs().max()))
-        hooks.append(unet.get_submodule(n).register_forward_hook(hook))
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in timesteps:
-            current["g"] = int(group_of(torch.tensor(t), table))
-            if make_inputs is None:
-                unet(torch.randn(batch, 3, sample_size, sample_size, generator=gen), t)
-            else:
-                sample, extra = make_inputs(gen, batch)
-                unet(sample, t, **extra)
-    for h in hooks:
-        h.remove()
-    layers = {}
-    for n in names:
-        m = unet.get_submodule(n)
-        a = amax[n].clone()
-        a[a == 0] = a.max() if a.max() > 0 else 1.0
-        if weight_scale == "mse":
-            s = mse_weight_scale(m.weight, config.weight_bits)
-        else:
-            s = absmax_weight_scale(m.weight, config.weight_bits)
-        layers[n] = LayerQState(quantize_weight(m.weight, s, config.weight_bits), s,
-                                act_scale_from_range(-a, a))
-    return QuantState(config=config, timestep_to_group=table, layers=layers)
+
+    def inputs(k, t):
+        if make_inputs is None:
+            return torch.randn(batch, 3, sample_size, sample_size, generator=gen), {}
+        return make_inputs(gen, batch)
+
+    return rtn_quant_state(unet, config, inputs, timesteps, weight_scale)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tgpq import ops
+from tgpq.backends import library as ops
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 

@@ -158,7 +158,7 @@ def test_fake_quant_model_matches_convert_reference(unet, calib, gac_state):
     """calibrate -> convert -> DDIM sample end to end; our simulation agrees with convert's
     reference backend (both dequantize and compute in float: only summation order differs)."""
     import tgpq
-    from tgpq.sampling import ddim_sample
+    from tgpq.eval.sampling import ddim_sample
 
     sim = fake_quant_model(unet, gac_state)
     conv = tgpq.convert(unet, gac_state, backend="reference")

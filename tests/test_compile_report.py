@@ -1,6 +1,6 @@
 """Ahead-of-time compile gate for the Triton kernels (no GPU needed) and the GPU suite's dry run.
 
-Every kernel variant (kernels.compile_check.variants: W8A8/W4A8 GEMM in fp16/bf16, masked-K,
+Every kernel variant (benchmarks/compile_check.py variants: W8A8/W4A8 GEMM in fp16/bf16, masked-K,
 implicit-GEMM conv 3x3 s1/s2 and 1x1) is compiled for sm_90 and sm_80 with the launcher's
 specialization hints, and each row must: compile, contain int8 tensor-core SASS (IGMMA...S8 on
 sm_90, IMMA...S8 on sm_80), spill nothing, and fit the target's per-block shared memory
@@ -25,7 +25,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-cc = pytest.importorskip("kernels.compile_check")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+cc = pytest.importorskip("compile_check")
 
 FULL = os.environ.get("TGPQ_FULL_COMPILE_CHECK", "0") not in ("", "0")
 

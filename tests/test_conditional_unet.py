@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import tgpq
-from tgpq import ops
-from tgpq.modules import QConv2d, QLinear
+from tgpq.backends import library as ops
+from tgpq.nn import QConv2d, QLinear
 from conftest import minmax_qstate
 
 CROSS_DIM, SEQ_LEN, LATENT_CH, SIZE = 32, 7, 4, 16

@@ -7,8 +7,8 @@ import torch
 from conftest import make_small_unet, minmax_qstate, small_unet_config
 
 import tgpq
-from tgpq import ops
-from tgpq.modules import QConv2d, QLinear
+from tgpq.backends import library as ops
+from tgpq.nn import QConv2d, QLinear
 
 BACKENDS = ["reference"] + (["cpu"] if ops.has_extension() else [])
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgpq import ops
-from tgpq.modules import QConv2d, QLinear
+from tgpq.backends import library as ops
+from tgpq.nn import QConv2d, QLinear
 from tgpq.numerics import mse_weight_scale, quantize_act, quantize_weight
-from tgpq.qstate import LayerQState
+from tgpq.recipe import LayerQState
 
 pytestmark = pytest.mark.skipif(not ops.has_extension(), reason="tgpq C++ extension not built")
 
@@ -239,8 +239,8 @@ def qunet():
     """A converted small DDPM-layout UNet (W4A8, min/max activation scales), shared by the model tests."""
     from conftest import make_small_unet, minmax_qstate
 
-    from tgpq.config import QuantConfig
-    from tgpq.convert import convert
+    from tgpq.recipe import QuantConfig
+    from tgpq.unet.convert import convert
 
     unet = make_small_unet()
     return convert(unet, minmax_qstate(unet, QuantConfig(weight_bits=4, act_bits=8, method="rtn"), batch=2,
@@ -249,8 +249,8 @@ def qunet():
 
 def test_every_layer_of_converted_unet_matches_reference(qunet):
     from tgpq.backends import reference
-    from tgpq.convert import set_backend
-    from tgpq.cpu_fusion import unfuse_for_cpu
+    from tgpq.unet.convert import set_backend
+    from tgpq.unet.cpu_fusion import unfuse_for_cpu
 
     set_backend(qunet, "cpu")
     unfuse_for_cpu(qunet)  # every layer through its module call, so the hooks see each one
@@ -270,8 +270,8 @@ def test_every_layer_of_converted_unet_matches_reference(qunet):
 
 
 def test_fused_unet_matches_unfused_cpu_and_reference(qunet):
-    from tgpq.convert import set_backend
-    from tgpq.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
+    from tgpq.unet.convert import set_backend
+    from tgpq.unet.cpu_fusion import fuse_for_cpu, unfuse_for_cpu
 
     q = qunet
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgpq.data import load_cifar10
+from tgpq.eval.cifar10 import load_cifar10
 from tgpq.metrics import (classifier_features, classifier_logits, classifier_precision_recall,
                           feature_frechet_distance, feature_stats, frechet_distance, inception_fid,
                           inception_outputs, inception_score, inception_score_from_logits, knn_radii,

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgpq import ops
-from tgpq.modules import QConv2d, QLinear, QSplitConv2d
+from tgpq.backends import library as ops
+from tgpq.nn import QConv2d, QLinear, QSplitConv2d
 from tgpq.numerics import mse_weight_scale, quantize_act, quantize_weight
-from tgpq.qstate import LayerQState
+from tgpq.recipe import LayerQState
 
 BACKENDS = ["reference"] + (["cpu"] if ops.has_extension() else [])
 
@@ -134,9 +134,12 @@ def test_cpu_backend_bf16_and_errors():
     layer.backend = "reference"
     ref = layer(x.bfloat16().float())
     assert (y16.float() - ref).abs().max() <= 1e-2 * (ref.abs().max() + 1)  # bf16 output rounding
+    from tgpq.backends import cpu as cb
+
+    w_c4, wsum = cb.prepare(layer)
     with pytest.raises((TypeError, RuntimeError)):
-        torch.ops.tgpq.qlinear(x.double(), layer.w_packed, layer.w_scale, layer.a_scale,
-                               torch.zeros(1, dtype=torch.int64), None, 8, 16)
+        torch.ops.tgpq.qlinear(x.double(), w_c4, wsum, layer.w_scale, layer.a_scale,
+                               torch.zeros(1, dtype=torch.int64), None, 8, 8, 16, -1)
     with pytest.raises(RuntimeError, match="outside the scale table"):
-        torch.ops.tgpq.qlinear(x, layer.w_packed, layer.w_scale, layer.a_scale,
-                               torch.tensor([3]), None, 8, 16)
+        torch.ops.tgpq.qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale,
+                               torch.tensor([3]), None, 8, 8, 16, -1)

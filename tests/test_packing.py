@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tgpq import ops, packing
+from tgpq.backends import library as ops
+from tgpq.layout import int4 as packing
 from tgpq.layout import PackedWeight
 
 needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="tgpq._C not built")

@@ -39,7 +39,7 @@ def single_run(quality, tmp_path_factory):
 
 
 def test_noise_of_a_strided_slice_matches_the_full_set():
-    from tgpq.sampling import initial_noise
+    from tgpq.eval.sampling import initial_noise
 
     full = initial_noise(7, (3, 4, 4), seed=5)
     torch.testing.assert_close(initial_noise(3, (3, 4, 4), seed=5, first=1, stride=2), full[1::2], rtol=0, atol=0)

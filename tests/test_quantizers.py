@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from tgpq import QuantConfig
-from tgpq.config import parse_bits
+from tgpq.recipe import parse_bits
 from tgpq.numerics import (absmax_weight_scale, dequantize_weight, fake_quant_act, mse_weight_scale, qmax,
                            quantize_act, quantize_weight)
-from tgpq.routing import group_of, timestep_groups_from_calibration, uniform_timestep_groups
+from tgpq.nn.routing import group_of, timestep_groups_from_calibration, uniform_timestep_groups
 
 
 @pytest.mark.parametrize("kw", [dict(weight_bits=3), dict(weight_bits=16), dict(act_bits=4), dict(act_bits=16)])
@@ -66,7 +66,7 @@ def test_timestep_groups():
 
 
 def test_cpp_quantize_act_matches_numerics_bit_for_bit():
-    from tgpq import ops
+    from tgpq.backends import library as ops
 
     if not ops.has_extension():
         pytest.skip("tgpq._C not built")

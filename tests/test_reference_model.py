@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgpq.reference_model import (DEFAULT_WEIGHTS, build_unet, load_reference_model,
+from tgpq.unet.loading import (DEFAULT_WEIGHTS, build_unet, load_reference_model,
                                   reference_model_config)
 
 pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="reference weights not exported yet")
@@ -63,7 +63,7 @@ def _eps_loss(m, x0, t, noise):
 
 
 def test_heldout_loss_clearly_below_random_init(model):
-    from tgpq.data import load_cifar10
+    from tgpq.eval.cifar10 import load_cifar10
 
     imgs, _ = load_cifar10("test")
     rng = np.random.default_rng()

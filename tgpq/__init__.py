@@ -4,18 +4,16 @@
     qstate = tgpq.calibrate(unet, calib, tgpq.QuantConfig(weight_bits=4, act_bits=8, method="gac"))
     qunet = tgpq.convert(unet, qstate)          # drop-in: qunet(sample, timestep).sample
     tgpq.save(qunet, "unet-w4a8.safetensors"); qunet = tgpq.load("unet-w4a8.safetensors")
+
+The package is built in floors, each importing only the floors below it (docs/architecture.md):
+``numerics`` < ``recipe``, ``layout`` < ``backends`` < ``nn`` < ``calibration`` < ``unet`` < ``eval``,
+``metrics`` < ``demo``, ``cli``; ``kernels`` (Triton) knows nothing of tgpq.
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
-
-from .config import QuantConfig
-from .convert import convert, quantized_layers, set_backend, weight_bytes
-from .modules import QConv2d, QLinear, QSplitConv2d
-from .qstate import LayerQState, QuantState
-from .serialization import load, save
 
 
 def _alias_source_kernels() -> None:
@@ -33,27 +31,10 @@ def _alias_source_kernels() -> None:
 
 _alias_source_kernels()
 
-
-def collect_calibration(*args, **kwargs):
-    """See ``tgpq.calibration.collect_calibration``."""
-    from .calibration import collect_calibration as f
-
-    return f(*args, **kwargs)
-
-
-def calibrate(*args, **kwargs):
-    """See ``tgpq.calibration.calibrate``."""
-    from .calibration import calibrate as f
-
-    return f(*args, **kwargs)
-
-
-def load_reference_model(*args, **kwargs):
-    """The trained CIFAR-10 UNet shipped with the package (see ``tgpq.reference_model``)."""
-    from .reference_model import load_reference_model as f
-
-    return f(*args, **kwargs)
-
+from .calibration import calibrate, collect_calibration  # noqa: E402
+from .nn import QConv2d, QLinear, QSplitConv2d  # noqa: E402
+from .recipe import LayerQState, QuantConfig, QuantState  # noqa: E402
+from .unet import convert, load, load_reference_model, quantized_layers, save, set_backend, weight_bytes  # noqa: E402
 
 __all__ = [
     "QuantConfig", "QuantState", "LayerQState", "QLinear", "QConv2d", "QSplitConv2d",

@@ -19,9 +19,10 @@ def _cmd_demo(a):
 def _cmd_calibrate(a):
     import torch
 
-    from . import calibrate, collect_calibration, convert, save
-    from .config import QuantConfig, parse_bits
-    from .models import load_unet
+    from .calibration import calibrate, collect_calibration
+    from .unet import convert, save
+    from .recipe import QuantConfig, parse_bits
+    from .unet import load_unet
 
     wb, ab = parse_bits(a.bits)
     unet = load_unet(a.model)
@@ -37,17 +38,17 @@ def _cmd_calibrate(a):
 
 
 def _load_any(spec: str):
-    from .models import load_unet
+    from .unet import load_unet
 
     if spec.endswith(".safetensors"):
-        from .serialization import load
+        from .unet import load
 
         return load(spec)
     return load_unet(spec)
 
 
 def _cmd_sample(a):
-    from .sampling import ddim_sample, save_grid
+    from .eval import ddim_sample, save_grid
 
     model = _load_any(a.model)
     imgs = ddim_sample(model, a.num, a.steps, a.seed, batch_size=a.batch_size)
@@ -57,7 +58,7 @@ def _cmd_sample(a):
 
 def _cmd_evaluate(a):
     from . import metrics
-    from .sampling import ddim_sample
+    from .eval import ddim_sample
 
     fp = _load_any(a.reference)
     q = _load_any(a.model)
@@ -69,23 +70,13 @@ def _cmd_evaluate(a):
 
 
 def _cmd_bench(a):
-    import runpy
-    from pathlib import Path
+    from .eval.bench import main as bench_main
 
-    # the benchmarks live in the repository, not in the installed package: a source checkout
-    # beside the package, or the current directory (run `tgpq bench` from the repository root)
-    candidates = [Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sampling.py",
-                  Path.cwd() / "benchmarks" / "bench_sampling.py"]
-    script = next((c for c in candidates if c.is_file()), None)
-    if script is None:
-        raise FileNotFoundError("benchmarks/bench_sampling.py not found: the benchmarks ship with the repository; "
-                                "run `tgpq bench` from a checkout's root")
-    sys.argv = [str(script)] + a.args
-    runpy.run_path(str(script), run_name="__main__")
+    bench_main(a.args)
 
 
 def _cmd_info(a):
-    from .serialization import _read
+    from .unet.serialization import _read
 
     meta, tensors = _read(a.file)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -138,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_cmd_evaluate)
 
-    b = sub.add_parser("bench", help="end-to-end sampling benchmark (benchmarks/bench_sampling.py)")
+    b = sub.add_parser("bench", help="end-to-end sampling benchmark (tgpq.eval.bench)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
 

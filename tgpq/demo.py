@@ -21,10 +21,11 @@ def run_demo(out_dir="tgpq-demo", bits: str = "W8A8", method: str = "gac", num_i
              steps: int = 50, seed: int = 0, fast: bool = True, device: str | None = None) -> dict:
     from diffusers import DDIMScheduler
 
-    from . import calibrate, collect_calibration, convert, load_reference_model, metrics, weight_bytes
-    from .config import QuantConfig, parse_bits
-    from .profiling import measure
-    from .sampling import ddim_sample, save_grid
+    from . import metrics
+    from .calibration import calibrate, collect_calibration
+    from .unet import convert, load_reference_model, weight_bytes
+    from .eval import ddim_sample, measure, save_grid
+    from .recipe import QuantConfig, parse_bits
 
     wb, ab = parse_bits(bits)
     if num_images < 2 or steps < 1:

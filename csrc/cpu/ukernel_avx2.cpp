@@ -1,4 +1,4 @@
-// AVX2 microkernels and the activation quantizer.
+// AVX2 microkernels and activation passes (quantize, widen, GroupNorm+SiLU+quantize rows).
 //
 // Measured on the Zen 3 CI machine: vpmaddubsw, vpmaddwd, vpsignb and vfmadd231ps all issue on the
 // same two pipes (2 per cycle together), so the cost of an int8 GEMM is its count of those ops per MAC
@@ -27,12 +27,6 @@
 namespace tgpq {
 namespace cpu {
 namespace {
-
-inline int32_t load32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 // Stores the first `valid` (<= 8) floats of v at dst.
 TGPQ_AVX2 inline void store_partial(float* dst, __m256 v, int64_t valid) {
@@ -175,33 +169,73 @@ TGPQ_AVX2 void avx2_w4(const GemmTile& t) {
   store_rows_mem(t, acc, /*subtract_wsum=*/true);
 }
 
-TGPQ_AVX2 void quantize_u8_avx2(const float* x, int64_t n, float inv, uint8_t* out) {
-  const __m256 vinv = _mm256_set1_ps(inv);
+// Quantizes 32 floats v[0..3] (8 each, already in activation units: x * inv) to u8 + 128 at out.
+TGPQ_AVX2 inline void quantize_store32(const __m256 v[4], uint8_t* out) {
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i zp = _mm256_set1_epi32(128);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    __m256i q[4];
-    for (int j = 0; j < 4; ++j) {
-      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vinv);
-      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-      q[j] = _mm256_add_epi32(_mm256_cvtps_epi32(v), zp);
-    }
-    const __m256i s01 = _mm256_packs_epi32(q[0], q[1]);
-    const __m256i s23 = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i b = _mm256_packus_epi16(s01, s23);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(b, perm));
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m256 r = _mm256_round_ps(v[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[j] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)), zp);
   }
-  for (; i < n; ++i) {
-    float v = std::nearbyintf(x[i] * inv);
-    v = std::min(127.0f, std::max(-127.0f, v));
-    out[i] = static_cast<uint8_t>(static_cast<int>(v) + 128);
-  }
+  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(b, perm));
+}
+
+TGPQ_AVX2 inline __m256 exp256(__m256 x) {
+  // exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (Cody-Waite), p: degree-6 polynomial.
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 }  // namespace
+
+TGPQ_AVX2 void quantize_u8_avx2(const float* x, int64_t n, float inv, uint8_t* out) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vinv);
+    quantize_store32(v, out + i);
+  }
+  for (; i < n; ++i) out[i] = quantize_one_u8(x[i], inv);
+}
+
+// One NHWC row of C channels: out = quant(silu?(x * A + B)). silu(v) = v / (1 + exp(-v)) with a
+// Cephes-style exp (relative error < 2e-7).
+TGPQ_AVX2 void norm_silu_quantize_row_avx2(const float* x, const float* A, const float* Bv, int64_t C, bool silu,
+                                           float inv, uint8_t* out) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t o = c + 8 * j;
+      v[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + o), _mm256_loadu_ps(A + o), _mm256_loadu_ps(Bv + o));
+      if (silu) v[j] = _mm256_div_ps(v[j], _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), v[j]))));
+      v[j] = _mm256_mul_ps(v[j], vinv);
+    }
+    quantize_store32(v, out + c);
+  }
+  for (; c < C; ++c) {
+    const float v = std::fma(x[c], A[c], Bv[c]);
+    out[c] = quantize_one_u8(silu ? silu_scalar(v) : v, inv);
+  }
+}
 
 void qs8_qc8w_gemm_6x8c4__avx2(const GemmTile& t) { avx2_w8_s16(t); }
 void qs8_qc4w_gemm_4x16c4__avx2(const GemmTile& t) { avx2_w4(t); }
@@ -214,27 +248,6 @@ TGPQ_AVX2 void widen_u8_s16_avx2(const uint8_t* src, int64_t n, int16_t* dst) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_sub_epi16(v, zp));
   }
   for (; i < n; ++i) dst[i] = static_cast<int16_t>(src[i] - 128);
-}
-
-void widen_u8_s16(const uint8_t* src, int64_t n, int16_t* dst) {
-  static const bool avx2 = isa_supported(Isa::kAvx2);
-  if (avx2) {
-    widen_u8_s16_avx2(src, n, dst);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(src[i] - 128);
-}
-
-void quantize_u8(const float* x, int64_t n, float inv, uint8_t* out, Isa isa) {
-  if (isa != Isa::kScalar) {
-    quantize_u8_avx2(x, n, inv, out);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    float v = std::nearbyintf(x[i] * inv);
-    v = std::min(127.0f, std::max(-127.0f, v));
-    out[i] = static_cast<uint8_t>(static_cast<int>(v) + 128);
-  }
 }
 
 }  // namespace cpu

@@ -17,12 +17,6 @@ namespace tgpq {
 namespace cpu {
 namespace {
 
-inline int32_t load32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 template <int NB, bool W4>
 TGPQ_AVX512 void vnni_tile(const GemmTile& t) {
   __m512i acc[4][NB];

@@ -1,6 +1,6 @@
 // torch bindings of the CUDA ops in this folder: TORCH_LIBRARY_IMPL(tgpq, CUDA, ...).
 // Built only when a CUDA toolkit and a CUDA build of torch are present (setup.py adds
-// csrc/cuda/*.cu and csrc/cuda/*_binding.cpp then). Schemas live in csrc/torch/torch_ops.cpp:
+// csrc/cuda/*.cu and csrc/cuda/*_binding.cpp then). Schemas live in csrc/torch/library.cpp:
 //   pack_int4(Tensor q) -> Tensor
 //   unpack_int4(Tensor packed, int k) -> Tensor
 //   quantize_act(Tensor x, Tensor a_scale, Tensor group_index) -> Tensor

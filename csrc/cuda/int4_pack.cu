@@ -1,6 +1,6 @@
 // int4 weight packing on the GPU (load time): the layout of tgpq's packed int4 weights.
 //
-// Packed layout (same as csrc/pack.h and kernels/qgemm.py): q int8 [N, K] with values in [-8, 7]
+// Packed layout (same as csrc/layout/pack_int4.h and kernels/qgemm.py): q int8 [N, K] with values in [-8, 7]
 // -> packed int8 [N, ceil(K/2)]; byte j of row n holds q[n, 2j] in its low nibble and q[n, 2j+1]
 // in its high nibble (two's complement nibbles); odd K is padded with a 0 nibble. Unpacking
 // sign-extends each nibble back to int8. One thread per packed byte; rows are contiguous.

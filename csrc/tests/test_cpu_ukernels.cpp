@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "check.h"
-#include "cpu/ukernel.h"
+#include "cpu/gemm.h"
 
 using namespace tgpq::cpu;
 

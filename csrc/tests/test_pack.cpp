@@ -3,7 +3,7 @@
 #include <vector>
 
 #include "check.h"
-#include "pack.h"
+#include "layout/pack_int4.h"
 
 int main() {
   std::mt19937 rng(1234);

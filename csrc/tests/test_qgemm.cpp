@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "check.h"
-#include "cpu/qgemm.h"
+#include "cpu/reference.h"
 
 int main() {
   std::mt19937 rng(7);

@@ -3,17 +3,19 @@
 Each backend module provides ``linear(layer, x)`` and ``conv2d(layer, x)``; all compute the same
 function (``tgpq.numerics``), they differ only in speed:
   * ``reference``: pure torch, dequantize then compute in float (the oracle of the tests);
-  * ``cpu``: int8 x int8 -> int32 kernels of the C++ extension (``torch.ops.tgpq.*``);
-  * ``triton``: fused Triton kernels on CUDA (``tgpq.kernels``).
+  * ``cpu``: int8 x int8 -> int32 kernels of the C++ extension (``torch.ops.tgpq.*``); it also
+    provides the uint8-NHWC producer/consumer ops that ``tgpq.unet.cpu_fusion`` chains;
+  * ``triton``: fused Triton kernels on CUDA (``tgpq.kernels``, reached through ``torch.ops.tgpq.*``).
 ``auto`` picks ``triton`` for CUDA tensors and ``cpu`` for CPU tensors (``reference`` when the
-extension is missing).
+extension is missing). Kernel variants (the CPU's ISA path, the GPU GEMM variant) are chosen once
+inside each backend, never per call.
 """
 from __future__ import annotations
 
 import torch
 
 from . import cpu, reference, triton
-from ..ops import has_extension
+from .library import has_extension
 
 NAMES = ("auto", "reference", "cpu", "triton")
 _MODULES = {"reference": reference, "cpu": cpu, "triton": triton}

@@ -1,20 +1,20 @@
-"""CPU backend: register-tiled int8 microkernels of the C++ extension (``torch.ops.tgpq.cpu_*``).
+"""CPU backend: register-tiled int8 microkernels of the C++ extension (``torch.ops.tgpq.*``).
 
 Contract (shared with every backend, ``tgpq.numerics``): ``x_q = clamp(rne(x * (1/a_scale[g])), -127,
 127)``, exact int32 ``sum_k x_q * w_q``, ``y = acc * (a_scale[g] * w_scale[n]) + bias[n]``. The kernels
 apply the epilogue as one fma, so they differ from the reference backend only by float32 rounding of
 the epilogue (and of the reference's own float GEMM).
 
-Weights are repacked ONCE per layer into the microkernels' c4-block layout (``csrc/cpu/ukernel.h``):
+Weights are repacked ONCE per layer into the microkernels' c4-block layout (``tgpq.layout``):
 ``prepare(layer)`` caches two non-persistent buffers on the layer (``_cpu_w_c4`` int8 and ``_cpu_wsum``
 int32); they are rebuilt lazily when missing or when ``w_packed`` was modified in place (e.g. by
-``load_state_dict`` after ``tgpq.load``). int4 weights stay int4 in that layout (half the bytes of int8)
-and are unpacked in registers.
+``load_state_dict``). int4 weights stay int4 in that layout (half the bytes of int8) and are unpacked
+in registers.
 
-ISA paths: ``avx512vnni`` (vpdpbusd, 4x64 tiles), ``avx2`` (4x16 tiles) and ``scalar``; the best one this
-CPU supports runs unless forced by ``TGPQ_CPU_ISA=<name>`` or ``set_isa(name)`` / ``force_isa(name)``.
-Convolutions return channels_last float32 (the input's dtype for bfloat16 input); linear returns
-contiguous ``[..., N]``.
+ISA paths: ``avx512vnni`` (vpdpbusd, 4x64 tiles), ``avx2`` and ``scalar``. The path is chosen once, at
+first use: ``TGPQ_CPU_ISA=<name>`` if set, else the best this CPU supports; ``set_isa(name)`` /
+``force_isa(name)`` change it for every later call. Convolutions return channels_last float32 (the
+input's dtype for bfloat16 input); linear returns contiguous ``[..., N]``.
 """
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ import warnings
 
 import torch
 
-from .. import ops
+from . import library
 
 ISA_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 _ISA_NAMES = {v: k for k, v in ISA_IDS.items()}
-_forced_isa: str | None = None
-_warned_scalar = False
+_chosen: str | None = None  # the ISA path every op runs; set on first use
 
 
 def _parse_isa(name: str) -> str:
@@ -40,54 +39,54 @@ def _parse_isa(name: str) -> str:
 
 def supported_isas() -> list[str]:
     """ISA paths this CPU can run, fastest first."""
-    ops.require_extension()
+    library.require_extension()
     return [n for n in ("avx512vnni", "avx2", "scalar") if torch.ops.tgpq.cpu_isa_supported(ISA_IDS[n])]
 
 
 def best_isa() -> str:
-    ops.require_extension()
+    library.require_extension()
     return _ISA_NAMES[int(torch.ops.tgpq.cpu_best_isa())]
+
+
+def _check_supported(name: str) -> str:
+    _parse_isa(name)
+    if name not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {name} path (supported: {supported_isas()})")
+    return name
 
 
 def set_isa(name: str | None) -> None:
     """Force an ISA path for every cpu-backend op (``None``: back to automatic selection)."""
-    global _forced_isa
-    if name is not None:
-        _parse_isa(name)
-        if name not in supported_isas():
-            raise ValueError(f"this CPU cannot run the {name} path (supported: {supported_isas()})")
-    _forced_isa = name
+    global _chosen
+    _chosen = _check_supported(name) if name is not None else None
 
 
 @contextlib.contextmanager
 def force_isa(name: str):
     """``with force_isa("avx2"): ...`` runs the block on one ISA path."""
-    global _forced_isa
-    prev = _forced_isa
+    global _chosen
+    prev = _chosen
     set_isa(name)
     try:
         yield
     finally:
-        _forced_isa = prev
+        _chosen = prev
 
 
 def current_isa() -> str:
-    """The path the ops will run now: forced (``set_isa`` / ``TGPQ_CPU_ISA``) or the best supported."""
-    global _warned_scalar
-    name = _forced_isa or os.environ.get("TGPQ_CPU_ISA") or None
-    if name:
-        _parse_isa(name)
-        return name
-    best = best_isa()
-    if best == "scalar" and not _warned_scalar:
-        warnings.warn("tgpq cpu backend: this CPU has no AVX2; the scalar int8 path is correct but slow",
-                      RuntimeWarning, stacklevel=3)
-        _warned_scalar = True
-    return best
+    """The path the ops run: forced (``set_isa``), else chosen once from ``TGPQ_CPU_ISA`` or the CPU."""
+    global _chosen
+    if _chosen is None:
+        env = os.environ.get("TGPQ_CPU_ISA")
+        _chosen = _check_supported(env) if env else best_isa()
+        if _chosen == "scalar":
+            warnings.warn("tgpq cpu backend: the scalar int8 path runs (no AVX2, or forced); it is correct but slow",
+                          RuntimeWarning, stacklevel=3)
+    return _chosen
 
 
 def _isa_id() -> int:
-    return ISA_IDS[current_isa()]
+    return ISA_IDS[_chosen if _chosen is not None else current_isa()]
 
 
 def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,25 +95,15 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     ``w_c4``: int8 ``[ceil(N/16), block_bytes]``; ``wsum``: int32 ``[16 * ceil(N/16)]`` (128 * row sums of
     the weight, the zero-point compensation). Cached as non-persistent buffers on the layer.
     """
-    ops.require_extension()
+    library.require_extension()
     key = (layer.w_packed.data_ptr(), layer.w_packed._version, layer.bits)
     if getattr(layer, "_cpu_w_c4", None) is not None and getattr(layer, "_cpu_key", None) == key:
         return layer._cpu_w_c4, layer._cpu_wsum
-    w_c4, wsum = torch.ops.tgpq.cpu_prepack(layer.w_packed.cpu(), layer.bits, layer.k)
+    w_c4, wsum = torch.ops.tgpq.prepack_c4(layer.w_packed.cpu(), layer.bits, layer.k)
     layer.register_buffer("_cpu_w_c4", w_c4, persistent=False)
     layer.register_buffer("_cpu_wsum", wsum, persistent=False)
     object.__setattr__(layer, "_cpu_key", (layer.w_packed.data_ptr(), layer.w_packed._version, layer.bits))
     return w_c4, wsum
-
-
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``prepare`` every QLinear / QConv2d of ``model`` (call once after convert/load; optional)."""
-    from ..modules import QConv2d, QLinear
-
-    for m in model.modules():
-        if isinstance(m, (QLinear, QConv2d)):
-            prepare(m)
-    return model
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -132,8 +121,8 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"qlinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.cpu_qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
-                                      layer.bits, layer.out_features_, layer.in_features, _isa_id())
+    return torch.ops.tgpq.qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
+                                  layer.bits, layer.out_features_, layer.in_features, _isa_id())
 
 
 def _conv_args(layer):
@@ -153,14 +142,14 @@ def conv2d(layer, x: torch.Tensor, row_bias: torch.Tensor | None = None,
         raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W] ({layer.in_channels} channels), "
                          f"got {tuple(x.shape)}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.cpu_qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
-                                      *_conv_args(layer), _isa_id(), row_bias, residual)
+    return torch.ops.tgpq.qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
+                                  *_conv_args(layer), _isa_id(), row_bias, residual)
 
 
 def quantize_nhwc(layer, x: torch.Tensor) -> torch.Tensor:
     """``x`` [B, C, H, W] -> uint8 ``[B, H, W, C]`` (x_q + 128) with ``layer``'s current activation scale."""
     _check_input(x)
-    return torch.ops.tgpq.cpu_quantize_nhwc(x, layer.a_scale, layer.group_index, _isa_id())
+    return torch.ops.tgpq.quantize_nhwc_u8(x, layer.a_scale, layer.group_index, _isa_id())
 
 
 def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
@@ -173,9 +162,9 @@ def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
     if xq.shape[3] != layer.in_channels:
         raise ValueError(f"qconv2d: input has {xq.shape[3]} channels, the layer expects {layer.in_channels}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.cpu_qconv2d_u8(xq.contiguous(), w_c4, wsum, layer.w_scale, layer.a_scale,
-                                         layer.group_index, layer.bias, *_conv_args(layer), _isa_id(),
-                                         row_bias, residual)
+    return torch.ops.tgpq.qconv2d_u8(xq.contiguous(), w_c4, wsum, layer.w_scale, layer.a_scale,
+                                     layer.group_index, layer.bias, *_conv_args(layer), _isa_id(),
+                                     row_bias, residual)
 
 
 def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True) -> torch.Tensor:
@@ -183,49 +172,5 @@ def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, si
     _check_input(x)
     if not isinstance(norm, torch.nn.GroupNorm):
         raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
-    return torch.ops.tgpq.cpu_groupnorm_silu_quantize(x, norm.num_groups, norm.weight, norm.bias, float(norm.eps),
-                                                      silu, layer.a_scale, layer.group_index, _isa_id())
-
-
-if ops.has_extension():
-
-    @torch.library.register_fake("tgpq::cpu_prepack")
-    def _prepack_fake(w_packed, bits, k):
-        kg = (k + 3) // 4
-        kg += kg & 1 if bits == 4 else 0
-        nb = (w_packed.shape[0] + 15) // 16
-        return (w_packed.new_empty((nb, kg * (32 if bits == 4 else 64))),
-                w_packed.new_empty((nb * 16,), dtype=torch.int32))
-
-    @torch.library.register_fake("tgpq::cpu_quantize_nhwc")
-    def _quantize_nhwc_fake(x, a_scale, group_index, isa):
-        b, c, h, w = x.shape
-        return x.new_empty((b, h, w, c), dtype=torch.uint8)
-
-    def _conv_out_shape(h, w, kernel_size, stride, padding, dilation):
-        ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-        return ho, wo
-
-    @torch.library.register_fake("tgpq::cpu_qconv2d_u8")
-    def _qconv2d_u8_fake(xq, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
-                         kernel_size, stride, padding, dilation, isa, row_bias=None, residual=None):
-        b, h, w, _ = xq.shape
-        ho, wo = _conv_out_shape(h, w, kernel_size, stride, padding, dilation)
-        return xq.new_empty((b, ho, wo, out_channels), dtype=torch.float32).permute(0, 3, 1, 2)
-
-    @torch.library.register_fake("tgpq::cpu_qconv2d")
-    def _qconv2d_fake(x, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
-                      kernel_size, stride, padding, dilation, isa, row_bias=None, residual=None):
-        b, _, h, w = x.shape
-        ho, wo = _conv_out_shape(h, w, kernel_size, stride, padding, dilation)
-        return x.new_empty((b, ho, wo, out_channels)).permute(0, 3, 1, 2)
-
-    @torch.library.register_fake("tgpq::cpu_qlinear")
-    def _qlinear_fake(x, w_c4, wsum, w_scale, a_scale, group_index, bias, bits, out_features, in_features, isa):
-        return x.new_empty((*x.shape[:-1], out_features))
-
-    @torch.library.register_fake("tgpq::cpu_groupnorm_silu_quantize")
-    def _gn_fake(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa):
-        b, c, h, w = x.shape
-        return x.new_empty((b, h, w, c), dtype=torch.uint8)
+    return torch.ops.tgpq.groupnorm_silu_quantize(x, norm.num_groups, norm.weight, norm.bias, float(norm.eps),
+                                                  silu, layer.a_scale, layer.group_index, _isa_id())

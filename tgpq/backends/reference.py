@@ -8,14 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..numerics import ACT_QMAX
+from ..numerics import fake_quant_act
 
 
 def _fake_quant_input(layer, x: torch.Tensor) -> torch.Tensor:
     s = layer.a_scale.index_select(0, layer.group_index.to(layer.a_scale.device))  # [1], no host sync
-    inv = torch.reciprocal(s)
-    q = torch.clamp(torch.round(x.to(torch.float32) * inv), -ACT_QMAX, ACT_QMAX)
-    return q * s
+    return fake_quant_act(x.to(torch.float32), s)  # the kernels' float32 arithmetic for every input dtype
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:

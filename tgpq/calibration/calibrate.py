@@ -31,9 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import numerics
-from ..config import QuantConfig
-from ..qstate import LayerQState, QuantState
-from ..routing import group_of, timestep_groups_from_calibration
+from ..nn.routing import group_of, timestep_groups_from_calibration
+from ..recipe import LayerQState, QuantConfig, QuantState
 from .blocks import ReconUnit, find_units
 from .capture import ActRangeStats, UnitData, capture_unit, main_output
 from .checkpoint import CalibrationCheckpoint

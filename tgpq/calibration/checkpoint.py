@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..qstate import LayerQState
+from ..recipe import LayerQState
 
 PROGRESS = "progress.json"
 TENSORS = "tensors.safetensors"

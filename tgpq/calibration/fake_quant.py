@@ -53,15 +53,9 @@ def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def fake_quant_act_per_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize ``x`` with a step size broadcastable to it (LSQ gradient, kernel arithmetic).
-
-    In float32 the forward value equals ``numerics.fake_quant_act`` exactly; in float64 (tests)
-    the same formula is evaluated in float64.
-    """
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    s = scale.to(dt).clamp(min=1e-8)
-    q = torch.clamp(numerics.round_ste(x.to(dt) * torch.reciprocal(s)), -numerics.ACT_QMAX, numerics.ACT_QMAX)
-    return (q * s).to(x.dtype)
+    """Fake-quantize ``x`` with a learnable step size broadcastable to it (``numerics.fake_quant_act``:
+    kernel arithmetic, LSQ gradient), the step kept positive; returned in ``x``'s dtype."""
+    return numerics.fake_quant_act(x, scale.clamp(min=1e-8)).to(x.dtype)
 
 
 class QuantLayer(nn.Module):

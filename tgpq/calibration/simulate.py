@@ -2,7 +2,7 @@
 
 ``fake_quant_model(unet, qstate)`` returns a copy of ``unet`` whose quantized layers are
 ``QuantLayer``s in hard mode: weights ``weight_q * weight_scale``, inputs fake-quantized with the
-step size of the group of the timestep passed to the UNet (``tgpq.routing.group_of``). It
+step size of the group of the timestep passed to the UNet (``tgpq.nn.routing.group_of``). It
 computes what the int8 kernels compute, up to float summation order, and is what calibration
 measures; ``tgpq.convert(..., backend="reference")`` is the deployment path.
 """
@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from ..routing import group_of
+from ..nn.routing import group_of
 from .fake_quant import GroupContext, QuantLayer, replace_submodule
 
 

@@ -106,7 +106,7 @@ def load_classifier(weights: str | Path | None = None, config: str | Path | None
 def to_model_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Normalise images to float32 ``[B, 3, 32, 32]`` in [-1, 1].
 
-    Accepts uint8 ``[B, 32, 32, 3]`` (NHWC, 0..255, as ``tgpq.data.load_cifar10`` returns) or a
+    Accepts uint8 ``[B, 32, 32, 3]`` (NHWC, 0..255, as ``tgpq.eval.load_cifar10`` returns) or a
     floating ``[B, 3, 32, 32]`` NCHW tensor/array already in [-1, 1] (values are not clamped).
     """
     x = torch.as_tensor(images)

@@ -1,0 +1,55 @@
+// Every torch.library schema of tgpq, defined once here, and the Python module init of tgpq._C.
+// Implementations: CPU in pack_ops.cpp, gemm_ops.cpp, norm_ops.cpp; CUDA in csrc/cuda/ (pack_int4,
+// unpack_int4, quantize_act) and, for qlinear / qconv2d, the Triton launchers registered from Python
+// (tgpq/backends/triton.py). Fake kernels: tgpq/backends/library.py.
+//
+// Weights reach qlinear / qconv2d in the layout of the device's kernels (tgpq/layout): on the CPU the
+// c4 blocks and w_sum from prepack_c4, on CUDA the canonical packed weight (w_sum None). `variant` /
+// `isa` is the kernel variant the backend chose once: the ISA path on the CPU (-1 best, 0 scalar,
+// 1 avx2, 2 avx512vnni), the GEMM variant on CUDA (0 tl.dot, 1 Gluon wgmma).
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+namespace tgpq {
+namespace {
+
+int64_t cpu_best_isa() { return static_cast<int64_t>(cpu::best_isa()); }
+bool cpu_isa_supported(int64_t isa) { return isa >= 0 && isa <= 2 && cpu::isa_supported(static_cast<cpu::Isa>(isa)); }
+
+}  // namespace
+
+TORCH_LIBRARY(tgpq, m) {
+  // packing (canonical int4 layout) and the canonical int8 activation quantization
+  m.def("pack_int4(Tensor q) -> Tensor");
+  m.def("unpack_int4(Tensor packed, int k) -> Tensor");
+  m.def("quantize_act(Tensor x, Tensor a_scale, Tensor group_index) -> Tensor");
+  // the quantized layers
+  m.def(
+      "qlinear(Tensor x, Tensor w, Tensor? w_sum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
+      "Tensor? bias, int bits, int out_features, int in_features, int variant) -> Tensor");
+  m.def(
+      "qconv2d(Tensor x, Tensor w, Tensor? w_sum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
+      "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int variant, Tensor? row_bias=None, Tensor? residual=None) -> Tensor");
+  // the CPU kernels' layouts: c4 weights, uint8 NHWC activations (zero point 128) and their producers
+  m.def("prepack_c4(Tensor w_packed, int bits, int k) -> (Tensor, Tensor)");
+  m.def("quantize_nhwc_u8(Tensor x, Tensor a_scale, Tensor group_index, int isa) -> Tensor");
+  m.def(
+      "qconv2d_u8(Tensor xq, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
+      "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int isa, Tensor? row_bias=None, Tensor? residual=None) -> Tensor");
+  m.def(
+      "groupnorm_silu_quantize(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
+      "Tensor a_scale, Tensor group_index, int isa) -> Tensor");
+  // what this CPU can run
+  m.def("cpu_best_isa() -> int", &cpu_best_isa);
+  m.def("cpu_isa_supported(int isa) -> bool", &cpu_isa_supported);
+}
+
+}  // namespace tgpq
+
+// Importing tgpq._C loads this library and runs the registrations of every op file linked into it.
+#include <Python.h>
+static struct PyModuleDef tgpq_c_module = {PyModuleDef_HEAD_INIT, "_C", "tgpq C++ ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&tgpq_c_module); }

@@ -1,0 +1,9 @@
+"""Everything that knows the UNet: ``convert`` (float layers -> quantized ones, router installed, CPU
+fusions), ``save`` / ``load``, the CPU fusions themselves, and loading float UNets and the shipped
+reference model."""
+from .convert import convert, quantized_layers, set_backend, weight_bytes
+from .loading import REFERENCE_ARCHITECTURE, build_unet, load_reference_model, load_unet
+from .serialization import load, save
+
+__all__ = ["convert", "quantized_layers", "set_backend", "weight_bytes", "REFERENCE_ARCHITECTURE", "build_unet",
+           "load_reference_model", "load_unet", "load", "save"]

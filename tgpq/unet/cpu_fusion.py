@@ -1,0 +1,205 @@
+"""CPU fusions for a converted diffusers UNet: fewer passes over activations outside the int8 GEMMs.
+
+``fuse_for_cpu(qunet)`` patches, in place, the modules of a model returned by ``tgpq.convert``:
+
+* ``ResnetBlock2D`` (no up/down-sampling inside the block): ``norm1 -> SiLU -> conv1`` and
+  ``norm2 -> SiLU -> conv2`` each become one fused pass (GroupNorm statistics, normalise, SiLU,
+  quantize with the conv's activation scale, write uint8 NHWC: ``cpu_groupnorm_silu_quantize``)
+  followed by the implicit-GEMM conv over that uint8 tensor (``cpu_qconv2d_u8``). Activations stay
+  channels_last from block to block. Applies where the conv is a plain ``QConv2d``; a split conv
+  (concatenated skip input) keeps the unfused norm for that half of the block. The time-embedding
+  add (into conv1), the second branch of a split conv and the residual add (into conv2) are done on
+  each GEMM output block while it is in cache instead of as separate passes.
+* ``Attention`` (self-attention, no mask): when ``to_q``, ``to_k``, ``to_v`` are ``QLinear`` layers with
+  identical activation-scale tables (they read the same tensor), they are merged into one
+  ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs. The
+  attention itself stays float32 ``scaled_dot_product_attention`` (no error added).
+
+Numerics: the fused GroupNorm + SiLU differs from torch's by a few float32 ulps (see
+``csrc/torch/norm_ops.cpp``), so a quantized activation moves by one step only where it lies within
+~1e-6 of a rounding boundary. The fused adds are the same float32 adds, except that a split conv1 sums
+``(branch0 + temb) + branch1`` where the module computes ``(branch0 + branch1) + temb`` (ulps).
+
+The patched forwards fall back to the original code when the input is not a CPU tensor, when grad is
+enabled, or when the layer's backend is forced to something other than ``cpu``/``auto``.
+``unfuse_for_cpu(model)`` restores the original forwards (the merged qkv layer is kept; it computes the
+same values).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import cpu as cpu_backend
+from ..nn import QConv2d, QLinear, QSplitConv2d
+
+
+def _cpu_path(layer, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and layer.backend in ("auto", "cpu")
+            and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def _is_silu(mod) -> bool:
+    return isinstance(mod, nn.SiLU) or getattr(mod, "__name__", "") == "silu" or mod is F.silu
+
+
+def _fusable_norm_conv(norm, conv) -> bool:
+    return isinstance(norm, nn.GroupNorm) and isinstance(conv, QConv2d)
+
+
+def _conv(conv: nn.Module, x: torch.Tensor, row_bias: torch.Tensor | None = None,
+          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x) (+ row_bias[:, :, None, None]) (+ residual)``; on a quantized conv the adds happen in the
+    GEMM's output block while it is in cache (a split conv adds its second branch the same way)."""
+    if isinstance(conv, QConv2d):
+        return cpu_backend.conv2d(conv, x, row_bias, residual)
+    if isinstance(conv, QSplitConv2d):
+        chunks = torch.split(x, list(conv.in_splits), dim=1)
+        out = cpu_backend.conv2d(conv.parts[0], chunks[0], row_bias)
+        for part, chunk in zip(conv.parts[1:], chunks[1:]):
+            out = cpu_backend.conv2d(part, chunk, None, out)
+        return out if residual is None else out + residual
+    out = conv(x)
+    if row_bias is not None:
+        out = out + row_bias[:, :, None, None]
+    return out if residual is None else out + residual
+
+
+def _resnet_forward_cpu(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _cpu_path(self.conv2, input_tensor):
+        return self._tgpq_orig_forward(input_tensor, temb, *args, **kwargs)
+    x = input_tensor
+    t = None
+    if self.time_emb_proj is not None and temb is not None:
+        t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    if self._tgpq_fuse1:
+        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, x, self.conv1), t)
+    else:
+        h = _conv(self.conv1, self.nonlinearity(self.norm1(x)), t)
+    if self.conv_shortcut is not None:
+        x = _conv(self.conv_shortcut, x)
+    out = cpu_backend.conv2d_u8(self.conv2, cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2),
+                                residual=x)
+    if self.output_scale_factor != 1.0:
+        out = out / self.output_scale_factor
+    return out
+
+
+def fuse_resnet_block(block: nn.Module) -> bool:
+    """Patch one diffusers ``ResnetBlock2D``; returns whether it was patched."""
+    if getattr(block, "_tgpq_orig_forward", None) is not None:
+        return True
+    ok = (block.upsample is None and block.downsample is None and block.time_embedding_norm == "default"
+          and _is_silu(block.nonlinearity) and _fusable_norm_conv(block.norm2, block.conv2)
+          and isinstance(block.norm1, nn.GroupNorm))
+    if not ok:
+        return False
+    block._tgpq_fuse1 = _fusable_norm_conv(block.norm1, block.conv1)
+    block._tgpq_orig_forward = block.forward
+    block.forward = types.MethodType(_resnet_forward_cpu, block)
+    return True
+
+
+def _merge_qkv(attn: nn.Module) -> QLinear | None:
+    q, k, v = attn.to_q, attn.to_k, attn.to_v
+    if not all(isinstance(m, QLinear) for m in (q, k, v)):
+        return None
+    if not (q.bits == k.bits == v.bits and q.in_features == k.in_features == v.in_features):
+        return None
+    if not (torch.equal(q.a_scale, k.a_scale) and torch.equal(q.a_scale, v.a_scale)):
+        return None
+    has_bias = [m.bias is not None for m in (q, k, v)]
+    n = q.out_features + k.out_features + v.out_features
+    fused = QLinear(q.in_features, n, q.bits, q.a_scale.numel(), bias=any(has_bias))
+    with torch.no_grad():
+        fused.w_packed.copy_(torch.cat([q.w_packed, k.w_packed, v.w_packed]))
+        fused.w_scale.copy_(torch.cat([q.w_scale, k.w_scale, v.w_scale]))
+        fused.a_scale.copy_(q.a_scale)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                                        for m in (q, k, v)]))
+    fused.backend = q.backend
+    if q._router is not None:
+        fused.attach_router(q._router)
+    return fused.to(q.w_packed.device)
+
+
+class CpuAttnProcessor:
+    """Self-attention with one merged int8 qkv GEMM, float32 SDPA, int8 output projection."""
+
+    def __init__(self, qkv: QLinear, original):
+        self.qkv = qkv
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
+                or hidden_states.dim() != 4 or not _cpu_path(self.qkv, hidden_states)):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        b, c, h, w = hidden_states.shape
+        x = hidden_states
+        if attn.group_norm is not None:
+            x = attn.group_norm(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # free for channels_last input
+        qkv = self.qkv(x)
+        inner = qkv.shape[-1] // 3
+        head_dim = inner // attn.heads
+        q, k, v = (t.reshape(b, h * w, attn.heads, head_dim).transpose(1, 2) for t in qkv.split(inner, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        o = o.transpose(1, 2).reshape(b, h * w, inner)
+        o = attn.to_out[1](attn.to_out[0](o))
+        out = o.reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels_last view
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def fuse_attention(attn: nn.Module) -> bool:
+    """Install ``CpuAttnProcessor`` on one diffusers ``Attention``; returns whether it was patched."""
+    if isinstance(getattr(attn, "processor", None), CpuAttnProcessor):
+        return True
+    if getattr(attn, "is_cross_attention", False) or not hasattr(attn, "to_q"):
+        return False
+    qkv = _merge_qkv(attn)
+    if qkv is None:
+        return False
+    # The merged layer lives in the processor only (not a submodule): the model's state_dict, and so
+    # tgpq.save / tgpq.load, stay exactly those of the unfused model.
+    attn.set_processor(CpuAttnProcessor(qkv, attn.processor))
+    return True
+
+
+def fuse_for_cpu(model: nn.Module) -> dict[str, int]:
+    """Patch every fusable ResnetBlock2D and Attention of a converted model, in place.
+
+    Call after ``tgpq.convert`` / ``tgpq.load`` (the model keeps its call signature). Returns counts
+    ``{"resnet_blocks": n, "attention": m}``. Idempotent.
+    """
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    counts = {"resnet_blocks": 0, "attention": 0}
+    for mod in model.modules():
+        if isinstance(mod, ResnetBlock2D) and fuse_resnet_block(mod):
+            counts["resnet_blocks"] += 1
+        elif isinstance(mod, Attention) and fuse_attention(mod):
+            counts["attention"] += 1
+    for m in model.modules():  # repack every weight for the microkernels now, not on the first call
+        if isinstance(m, (QLinear, QConv2d)):
+            cpu_backend.prepare(m)
+    return counts
+
+
+def unfuse_for_cpu(model: nn.Module) -> None:
+    """Undo ``fuse_for_cpu``'s forward patches."""
+    for mod in model.modules():
+        if getattr(mod, "_tgpq_orig_forward", None) is not None:
+            mod.forward = mod._tgpq_orig_forward
+            del mod._tgpq_orig_forward
+        proc = getattr(mod, "processor", None)
+        if isinstance(proc, CpuAttnProcessor):
+            mod.set_processor(proc.original)

@@ -1,0 +1,151 @@
+"""``save`` / ``load`` of a converted model: one safetensors file, nothing unpickled.
+
+File layout: the converted model's full ``state_dict`` (float parameters of the layers kept in
+float, packed integer weights, scales, the router's table) as safetensors tensors, plus a JSON
+document in the header metadata under the key ``"tgpq"`` with:
+  * ``format``/``version``: ``"tgpq-quantized-unet"`` / 1;
+  * ``quant_config``: the ``QuantConfig``;
+  * ``unet_class`` and ``unet_config``: the diffusers class name and its config;
+  * ``layers``: per quantized layer its kind and geometry, enough to rebuild it empty;
+  * ``sha256``: a digest of all tensor bytes (names, dtypes, shapes, data), checked on load so a
+    tampered file is caught even when its header still parses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..nn import QConv2d, QLinear, QSplitConv2d, TimestepRouter
+from ..recipe import QuantConfig
+from .convert import _parent_and_attr, install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
+
+FORMAT = "tgpq-quantized-unet"
+VERSION = 1
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _layer_spec(m) -> dict:
+    if isinstance(m, QLinear):
+        return {"kind": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, QSplitConv2d):
+        return {"kind": "split_conv2d", "parts": [_layer_spec(p) for p in m.parts]}
+    return {"kind": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel_size": m.kernel_size,
+            "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "bias": m.bias is not None}
+
+
+def _build_layer(spec: dict, bits: int, groups: int):
+    kind = spec.get("kind")
+    if kind == "linear":
+        return QLinear(spec["in"], spec["out"], bits, groups, spec["bias"])
+    if kind == "conv2d":
+        return QConv2d(spec["in"], spec["out"], spec["kernel_size"], spec["stride"], spec["padding"],
+                       spec["dilation"], bits, groups, spec["bias"])
+    if kind == "split_conv2d":
+        return QSplitConv2d([_build_layer(p, bits, groups) for p in spec["parts"]])
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write a converted model (from ``tgpq.convert``) to ``path`` (safetensors)."""
+    if getattr(model, "tgpq_router", None) is None:
+        raise ValueError("save expects a model converted with tgpq.convert")
+    cfg: QuantConfig = model.tgpq_config
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "quant_config": cfg.to_dict(),
+        "unet_class": type(model).__name__,
+        "unet_config": dict(getattr(model, "config", {}) or {}),
+        "layers": {name: _layer_spec(m) for name, m in quantized_layers(model).items()},
+        "sha256": _digest(tensors),
+    }
+    save_file(tensors, os.fspath(path), metadata={"tgpq": json.dumps(meta, default=list)})
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("tgpq")
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise ValueError(f"{path}: not a tgpq file (no 'tgpq' metadata in the header)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt tgpq metadata ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
+    if _digest(tensors) != meta.get("sha256"):
+        raise ValueError(f"{path}: checksum mismatch: the tensor data was modified or damaged")
+    return meta, tensors
+
+
+def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str = "auto",
+         device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a converted model from ``path``.
+
+    ``unet_config`` (a diffusers config dict) overrides the one stored in the file; it must describe
+    the same architecture, else loading fails with the mismatching tensors named.
+    """
+    path = os.fspath(path)
+    meta, tensors = _read(path)
+    cfg = QuantConfig.from_dict(meta["quant_config"])
+    import diffusers
+
+    cls_name = meta.get("unet_class", "UNet2DModel")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"{path}: unknown model class {cls_name!r}")
+    config = dict(unet_config) if unet_config is not None else meta.get("unet_config")
+    if not config:
+        raise ValueError(f"{path}: no UNet config stored; pass unet_config")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        model = cls.from_config(config)
+    except Exception as e:  # diffusers raises several types for bad configs
+        raise ValueError(f"{path}: cannot build {cls_name} from the config ({e})") from None
+    for name, spec in meta["layers"].items():
+        try:
+            parent, attr = _parent_and_attr(model, name)
+        except ValueError:
+            raise ValueError(f"{path}: layer {name!r} does not exist in the given UNet config") from None
+        setattr(parent, attr, _build_layer(spec, cfg.weight_bits, cfg.num_groups))
+    table = tensors.get("tgpq_router.timestep_to_group")
+    if table is None:
+        raise ValueError(f"{path}: missing tensor 'tgpq_router.timestep_to_group'")
+    install_router(model, TimestepRouter(table, cfg.num_groups))
+    model.tgpq_config = cfg
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path}: does not match the UNet config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+    model.load_state_dict(tensors, strict=True)
+    set_backend(model, backend)
+    model = model.to(device).eval()
+    maybe_fuse_for_cpu(model, backend)
+    return model
