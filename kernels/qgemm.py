@@ -180,11 +180,13 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
             m, n, k, w_packed.shape[1], a_scale.numel(), configs.m_bucket(m),
             x2.stride(0), w_packed.stride(0), y.stride(0))
     if _use_gluon(path, x, bits, k):
-        from .qgemm_gluon import launch as launch_gluon
         if path == "gluon" or _GLUON_STATE["verified"]:
+            from .qgemm_gluon import launch as launch_gluon
             launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
             return y.reshape(*lead, n)
-        try:  # first use: compile, then check against the tl.dot kernel before trusting it
+        try:  # first use: import (a triton without a usable Gluon raises ImportError), compile, then
+            # check against the tl.dot kernel before trusting it
+            from .qgemm_gluon import launch as launch_gluon
             launch_gluon(x2, w_packed, y, w_scale, a_scale, group_index, bias, m, n, k)
             y_ref = qlinear(x2, w_packed, w_scale, a_scale, group_index, bias, bits=bits, k=k, path="tl_dot")
             # same int32 sums and epilogue; only fp32 operation order and the output rounding differ
@@ -195,8 +197,11 @@ def qlinear(x, w_packed, w_scale, a_scale, group_index, bias=None, *, bits: int,
             return y.reshape(*lead, n)
         except Exception as e:  # noqa: BLE001 - compile failure or wrong numbers of the experimental path
             _GLUON_STATE["disabled"] = True
-            warnings.warn(f"tgpq.kernels: Gluon wgmma kernel unavailable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the tl.dot kernel")
+            # a CompilationError's first line is only "at L:C:"; its cause is on the last line
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))[:300]
+            warnings.warn(f"tgpq.kernels: Gluon wgmma kernel unavailable ({type(e).__name__}: {why}); "
+                          "using the tl.dot kernel")
     if x.device.type == "cpu":
         bm, bn, bk, _, _ = configs.INTERPRETER
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
