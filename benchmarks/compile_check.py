@@ -12,7 +12,14 @@ runs), then reads:
   ``IMMA.16832.S8.S8`` on sm_80) from ``cuobjdump -sass`` of the cubin,
 * ``mma_version`` (2 = mma.sync, 3 = wgmma) and ``wgmma_wait_pendings`` (the pendings of the
   ``warp_group_dot_wait`` ops in the TTGIR; a value >= 1 means one wgmma group stays in flight
-  while the next is issued, 0 alone means every wgmma is waited for before the next).
+  while the next is issued, 0 alone means every wgmma is waited for before the next),
+* ``sass_wgmma_waits``: the same waits as ptxas emitted them (``WARPGROUP.DEPBAR.LE gsb0, N``), and
+  ``wgmma_serialized``: ptxas reported serializing the wgmma instructions (it then inserts waits of
+  its own and the overlap is gone whatever the TTGIR says),
+* ``smem_buffers``: the shared-memory allocations in the TTGIR (e.g. ``2x128x64xi8`` = two slots).
+
+The Gluon kernel (family ``"gluon"``, sm_90 only) must in addition keep one wgmma in flight: a
+pending count of 1 in both the TTGIR and the SASS, and no serialization (``problems``).
 
 FP fusion is set explicitly (``FP_FUSION``): Triton's default changes in 3.10. Our numerics do not
 depend on it (the clamp sits between the quantization multiply and the rounding add, so they
@@ -94,10 +101,11 @@ def _conv(bits, k, s, dtype="fp16"):
                         EVEN_K=True, CIN_ALIGNED=True, GROUP_M=GROUP_M))
 
 
-def _gluon():
+def _gluon(dtype="fp16"):
     from kernels.qgemm_gluon import qgemm_w8a8_gluon_kernel
     sig = {k: v for k, v in _GEMM_SIG.items() if k not in ("KP", "M_BUCKET")}
-    return Variant("qgemm_w8a8_fp16_gluon_wgmma_async", "gluon", qgemm_w8a8_gluon_kernel, sig,
+    sig.update(x_ptr=f"*{dtype}:16", y_ptr=f"*{dtype}:16")
+    return Variant(f"qgemm_w8a8_{dtype}_gluon_wgmma_async", "gluon", qgemm_w8a8_gluon_kernel, sig,
                    dict(HAS_BIAS=True))
 
 
@@ -106,8 +114,8 @@ def variants():
     vs = [_gemm(8), _gemm(4), _gemm(8, "bf16"), _gemm(4, even_k=False),
           _conv(8, 3, 1), _conv(4, 3, 1), _conv(8, 3, 2), _conv(8, 1, 1), _conv(4, 1, 1, "bf16")]
     try:
-        vs.append(_gluon())
-    except ImportError:  # triton without Gluon (older than 3.4-ish): the experimental row is left out
+        vs += [_gluon(), _gluon("bf16")]
+    except ImportError:  # triton without Gluon (older than 3.4-ish): the experimental rows are left out
         pass
     return {v.name: v for v in vs}
 
@@ -163,11 +171,27 @@ def int8_mma_ops(ops) -> dict:
     return out
 
 
+def error_summary(e: BaseException, limit: int = 600) -> str:
+    """One line for a failed compile: the exception type, where, and the cause.
+
+    A ``CompilationError`` message is ``at L:C:``, the source lines *before* the failing one, a
+    caret, then the cause on its last line: keep the first, the failing and the last line, so that
+    the report names the call that failed (not a ``gl.load`` that happens to precede it).
+    """
+    lines = [ln.rstrip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 3 and lines[-2].strip() == "^":
+        lines = [lines[0], lines[-3].strip(), lines[-1]]
+    elif len(lines) > 4 and any(ln.strip() == "^" for ln in lines):
+        caret = max(i for i, ln in enumerate(lines) if ln.strip() == "^")
+        lines = [lines[0], lines[caret - 1].strip(), *lines[caret + 1:]]
+    return (type(e).__name__ + ": " + " | ".join(lines))[:limit]
+
+
 def compile_row(variant: Variant, config, target: str, index: int | None = None) -> dict:
     """Compile one (variant, config, target); return a report row (never raises)."""
     bm, bn, bk, warps, stages = config
-    row = dict(kernel=variant.name, config=f"{bm}x{bn}x{bk}_w{warps}_s{stages}", config_index=index,
-               target=target, num_warps=warps, num_stages=stages, ok=False)
+    row = dict(kernel=variant.name, family=variant.family, config=f"{bm}x{bn}x{bk}_w{warps}_s{stages}",
+               config_index=index, target=target, num_warps=warps, num_stages=stages, ok=False)
     log = io.StringIO()
     old = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is only printed on a fresh compile,
@@ -179,7 +203,7 @@ def compile_row(variant: Variant, config, target: str, index: int | None = None)
             k = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                                options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION))
     except Exception as e:  # noqa: BLE001 - a failed compile is a reported result
-        row["error"] = (type(e).__name__ + ": " + " | ".join(str(e).strip().splitlines()[:6]))[:600]
+        row["error"] = error_summary(e)
         return row
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
@@ -187,7 +211,8 @@ def compile_row(variant: Variant, config, target: str, index: int | None = None)
     text = log.getvalue()
     m = re.search(r"Used (\d+) registers", text)
     sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    ops = sass_opcodes(_cuobjdump(["-sass"], k.asm["cubin"]))
+    sass = _cuobjdump(["-sass"], k.asm["cubin"])
+    ops = sass_opcodes(sass)
     if m is None:  # fall back to the cubin's resource usage
         ru = re.search(r"REG:(\d+)", _cuobjdump(["--dump-resource-usage"], k.asm["cubin"]))
         m = ru
@@ -205,6 +230,11 @@ def compile_row(variant: Variant, config, target: str, index: int | None = None)
         int8_mma_ops=i8,
         mma_version=int(mv.group(1)) if mv else None,
         wgmma_wait_pendings=sorted({int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)}),
+        # the same waits as ptxas emitted them: WARPGROUP.DEPBAR.LE gsb0, N (N wgmma groups may stay in flight)
+        sass_wgmma_waits=sorted({int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", sass)}),
+        # ptxas serializes wgmma (inserting its own waits) when it cannot prove the pipelining safe
+        wgmma_serialized=bool(re.search(r"wgmma[^\n]*serialized", text)),
+        smem_buffers=re.findall(r"ttg\.local_alloc[^\n]*?-> !ttg\.memdesc<([0-9x]+x[a-z]+[0-9]+)", ttgir),
         local_mem_ops=sum(b in ("LDL", "STL") for b in base),
         ldgsts=sum(b == "LDGSTS" for b in base),
         tma_loads=sum(b.startswith("UTMALDG") for b in base),
@@ -249,26 +279,36 @@ def run(jobs, progress: bool = True) -> list[dict]:
     return [compile_row(v, c, t, i) for v, c, t, i in it]
 
 
-def problems(rows) -> list[str]:
-    """Gate: compiled, int8 MMA present, no spills, shared memory within the target's limit."""
+def row_problems(r) -> list[str]:
+    """Gate for one row: compiled, int8 MMA present, no spills, shared memory within the target's
+    limit; the Gluon kernel also keeps one wgmma in flight (TTGIR and SASS) and is not serialized."""
+    where = f"{r['kernel']} {r['config']} {r['target']}"
+    if not r.get("ok"):
+        return [f"{where}: compile failed: {r.get('error')}"]
     out = []
-    for r in rows:
-        where = f"{r['kernel']} {r['config']} {r['target']}"
-        if not r.get("ok"):
-            out.append(f"{where}: compile failed: {r.get('error')}")
-            continue
-        if not r["int8_mma"]:
-            out.append(f"{where}: no int8 tensor-core instruction in the SASS")
-        if r["spill_bytes"]:
-            out.append(f"{where}: spills {r['spill_bytes']} bytes (n_regs={r['n_regs']})")
-        if r["shared_bytes"] > r["shared_limit"]:
-            out.append(f"{where}: shared {r['shared_bytes']} B > limit {r['shared_limit']} B")
+    if not r["int8_mma"]:
+        out.append(f"{where}: no int8 tensor-core instruction in the SASS")
+    if r["spill_bytes"]:
+        out.append(f"{where}: spills {r['spill_bytes']} bytes (n_regs={r['n_regs']})")
+    if r["shared_bytes"] > r["shared_limit"]:
+        out.append(f"{where}: shared {r['shared_bytes']} B > limit {r['shared_limit']} B")
+    if r.get("family") == "gluon":  # the kernel exists to keep one int8 wgmma in flight
+        if 1 not in r["wgmma_wait_pendings"] or 1 not in r["sass_wgmma_waits"]:
+            out.append(f"{where}: no wgmma wait with 1 pending (TTGIR {r['wgmma_wait_pendings']}, "
+                       f"SASS {r['sass_wgmma_waits']}): the MMA overlap is gone")
+        if r["wgmma_serialized"]:
+            out.append(f"{where}: ptxas serialized the wgmma instructions")
     return out
+
+
+def problems(rows) -> list[str]:
+    """Every row's gate failures (``row_problems``), in row order."""
+    return [p for r in rows for p in row_problems(r)]
 
 
 def to_markdown(rows) -> str:
     cols = ["kernel", "config", "target", "ok", "n_regs", "spill_bytes", "shared_bytes", "int8_mma",
-            "mma_version", "wgmma_wait_pendings", "ldgsts", "tma_loads", "compile_s"]
+            "mma_version", "wgmma_wait_pendings", "sass_wgmma_waits", "ldgsts", "tma_loads", "compile_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

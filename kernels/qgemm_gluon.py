@@ -7,15 +7,22 @@ followed by ``wgmma.wait_group 0``. Gluon issues the wgmma by hand:
     for each K tile (two shared-memory slots, s = kt % 2):
         load x tile (fp16/bf16 -> registers), quantize to int8, store into a_smem[s]
         load the int8 weight tile [BLOCK_N, BLOCK_K] into b_smem[s]
-        fence + barrier
+        fence + CTA barrier                        (stores visible to every warpgroup's wgmma)
         acc = wgmma(a_smem[s], b_smem[s]^T, acc)   (async)
-        wait(num_outstanding=1)                    -> the wgmma of tile kt-1 has retired, so slot
-                                                      1-s may be overwritten next iteration
+        wait(num_outstanding=1)                    -> this warpgroup's wgmma of tile kt-1 retired
+        CTA barrier                                -> every warpgroup's has, so slot 1-s may be
+                                                      overwritten next iteration
 
-so the global loads and the quantization of tile kt+1 overlap the wgmma of tile kt.
+so the global loads and the quantization of tile kt+1 overlap the wgmma of tile kt. The second
+barrier is needed because the tile is shared by two warpgroups (8 warps): each writes rows of
+both slots' A and B that the other one's wgmma reads, and a warpgroup's wait only covers its
+own wgmma. Triton's shared-memory barrier pass would add an equivalent one by itself (3.6 before
+the stores, 3.9 after the wait); it is written out so the kernel does not rest on that pass, and
+so that both versions emit the same two ``BAR.SYNC`` per iteration.
+
 Same math and layouts as ``qgemm.qgemm_kernel`` with bits=8 (see its docstring); K must be a
 multiple of BLOCK_K (the launcher checks). Gluon has no interpreter, so this kernel is only
-compiled here (benchmarks/compile_check.py); its numerics are checked on a GPU by
+compiled here (benchmarks/compile_check.py, on triton 3.6 and 3.9); its numerics are checked on a GPU by
 benchmarks/bench_kernels.py (max_rel_err) and tests/test_triton_kernels.py (GPU tests).
 ``kernels.qlinear(..., path="gluon")`` runs it; ``tgpq.backends.triton`` makes it the W8A8 variant on
 sm_90 when K % 64 == 0 after checking it once against the tl.dot kernel (the speed verdict is the
@@ -32,6 +39,10 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ._launch import check_common
 
 ROUND_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2**23
+# CTA-wide barrier (bar.sync 0): gl.barrier in triton 3.9, gl.thread_barrier in 3.6 (renamed in between)
+_cta_barrier = getattr(gl, "barrier", None) or getattr(gl, "thread_barrier", None)
+if _cta_barrier is None:  # an ImportError, so that compile_check leaves the rows out and qlinear falls back
+    raise ImportError(f"triton {triton.__version__}: Gluon has neither gl.barrier nor gl.thread_barrier")
 
 
 @gluon.jit
@@ -44,7 +55,10 @@ def qgemm_w8a8_gluon_kernel(
 ):
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
-    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [gl.num_warps(), 1], [1, 0])
+    # 16 contiguous K elements per thread, BLOCK_K // 16 threads along K: a warp covers whole K rows
+    # of the tile, so no element is loaded, quantized or stored twice (BLOCK_K in 16..512)
+    load_l: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (BLOCK_K // 16), BLOCK_K // 16], [gl.num_warps(), 1],
+                                            [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                     instr_shape=[16, BLOCK_N, 32])
     smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64 if BLOCK_K == 64 else 128,
@@ -74,9 +88,10 @@ def qgemm_w8a8_gluon_kernel(
         a_smem.index(s).store(a)
         b_smem.index(s).store(b)
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         acc = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        _cta_barrier()  # WAR: every warpgroup has retired wgmma(kt-1), so slot 1-s may be overwritten
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
     offs_ym = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))

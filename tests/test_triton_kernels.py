@@ -290,3 +290,31 @@ def test_gluon_wgmma_async_gemm_gpu(m, n, k):
                            bias.to(dev), k=k).cpu()
     acc = quantize_x(x, a_scale[4]) @ w.to(torch.int64).T
     check_close(y, acc, a_scale[4] * w_scale, bias, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(os.environ.get("TGPQ_WGMMA_ASYNC", "1") == "0", reason="TGPQ_WGMMA_ASYNC=0 turns the Gluon path off")
+def test_gluon_is_the_w8a8_default_on_sm90():
+    """The triton backend must really choose the Gluon kernel for W8A8 on Hopper: its fallback to tl.dot
+    only warns, so the numerical tests above would pass either way. Fails when the installed triton
+    (3.6.0 on the GPU machine) cannot compile it or it disagrees with the tl.dot kernel."""
+    import warnings
+
+    from tgpq.backends import triton as triton_backend
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 200, 384, 512
+    w, wp = make_weights(n, k, 8, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    a_scale = torch.rand(3, generator=gen) * 0.05 + 0.01
+    x = (torch.randn(m, k, generator=gen) * 40 * a_scale[1]).half()
+    dev = "cuda"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        variant = triton_backend.VARIANTS[triton_backend.gemm_variant(torch.device(dev))]
+    assert variant == "gluon", [str(c.message) for c in caught]
+    y = qlinear(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([1], device=dev),
+                None, bits=8, k=k, path=variant).cpu()
+    acc = quantize_x(x, a_scale[1]) @ w.to(torch.int64).T
+    check_close(y, acc, a_scale[1] * w_scale, None, torch.float16)
