@@ -40,8 +40,10 @@ setup(
     name="tgpq",
     version="0.1.0",
     description="Timestep-aware, gradient-aligned post-training quantization for diffusion models",
-    packages=find_packages(include=["tgpq", "tgpq.*"]) + ["tgpq.kernels"],
-    package_dir={"tgpq": "tgpq", "tgpq.kernels": "kernels"},
+    # src layout: from the repository root `import tgpq` finds the installed, compiled package, never the
+    # source tree without its extension
+    packages=find_packages("src", include=["tgpq", "tgpq.*"]) + ["tgpq.kernels"],
+    package_dir={"": "src", "tgpq.kernels": "kernels"},
     package_data={"tgpq": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # tgpq itself is the installed package (README: install)
 
 DDPM_CONFIG = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""End-to-end DDIM sampling benchmark (the same as ``tgpq bench``): see ``tgpq/eval/bench/__init__.py``
+"""End-to-end DDIM sampling benchmark (the same as ``tgpq bench``): see ``src/tgpq/eval/bench/__init__.py``
 for what it measures, its models, variants and outputs.
 
     python benchmarks/bench_sampling.py [--quick] [--models ...] [--batches ...] [--variants ...] [--out DIR]

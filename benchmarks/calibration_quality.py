@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # tgpq itself is the installed package (README: install)
 
 import tgpq  # noqa: E402
 from tgpq import QuantConfig  # noqa: E402

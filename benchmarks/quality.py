@@ -42,11 +42,7 @@ import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # calibration_quality
-try:
-    import tgpq
-except ImportError:  # a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
-    import tgpq
+import tgpq  # noqa: E402  (the installed package: README, install)
 
 from tgpq.eval.bench.report import device_name, git_commit  # noqa: E402
 from calibration_quality import (add_calibration_args, calibration_setting, collect_calibration_set,  # noqa: E402

@@ -1,6 +1,6 @@
 """Train the small CIFAR-10 classifier that tgpq's feature Frechet distance uses, and ship it.
 
-Writes (by default into ``tgpq/assets/``):
+Writes (by default into ``src/tgpq/assets/``):
   - ``cifar10_classifier.safetensors``: float32 state dict of ``tgpq.metrics.classifier.CifarResNet``;
   - ``cifar10_classifier.json``: architecture, test accuracy, feature dim, training command/time;
   - ``cifar10_train_feature_stats.safetensors``: ``mu`` [D] and ``sigma`` [D, D] (float64) of the
@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tgpq.eval.cifar10 import load_cifar10  # noqa: E402
 from tgpq.metrics.classifier import CifarResNet, classifier_features, classifier_logits  # noqa: E402
 from tgpq.metrics.frechet import feature_stats  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parent.parent / "tgpq" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "src" / "tgpq" / "assets"
 
 
 def to_float_nchw(images_u8: np.ndarray) -> torch.Tensor:

@@ -10,7 +10,7 @@ Modes:
   step, images seen, RNG). It is written atomically (tmp file + ``os.replace``) every
   ``--save-every-min`` minutes, at ``--max-minutes`` and on SIGINT/SIGTERM; an existing one is
   resumed automatically. Without one, ``--init-from FILE.safetensors`` starts model and EMA from
-  exported weights (e.g. the committed ``tgpq/assets/reference_unet.safetensors``).
+  exported weights (e.g. the committed ``src/tgpq/assets/reference_unet.safetensors``).
 * ``--export``: EMA weights of ``--ckpt`` -> fp16 safetensors + config JSON + model card (md)
   with a held-out loss (2000 CIFAR-10 test images, fixed noise and timesteps, fp32).
   Safe while training runs: it only reads ``state.pt``, which is replaced atomically; copying it
@@ -39,8 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # tgpq itself is the installed package (README: install)
 
 from tgpq.eval.cifar10 import load_cifar10  # noqa: E402
 from tgpq.unet.loading import REFERENCE_ARCHITECTURE, build_unet, load_reference_model  # noqa: E402
@@ -340,7 +339,7 @@ on {hardware} ({precision}). Weights are the EMA weights, stored as float16.
 | exported | {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} |
 
 Training command (resumes from `{a['ckpt']}/state.pt` when present; a later session without the
-checkpoint continues from these weights with `--init-from tgpq/assets/reference_unet.safetensors`):
+checkpoint continues from these weights with `--init-from src/tgpq/assets/reference_unet.safetensors`):
 
 ```
 nice -n 15 {cmd} --max-minutes 600
@@ -411,7 +410,7 @@ def main(argv=None) -> None:
     p.add_argument("--sample-grid", default=None, metavar="PNG", help="sample an 8x8 DDIM grid from --out")
     p.add_argument("--sample-steps", type=int, default=50, help="--sample-grid: DDIM steps")
     p.add_argument("--note", default="", help="--export: a paragraph added to the model card")
-    p.add_argument("--out", default=str(REPO / "tgpq" / "assets" / "reference_unet.safetensors"))
+    p.add_argument("--out", default=str(REPO / "src" / "tgpq" / "assets" / "reference_unet.safetensors"))
     args = p.parse_args(argv)
     if args.export:
         export(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PKG = ROOT / "tgpq"
+PKG = ROOT / "src" / "tgpq"
 
 # floor of each top-level part of the package; a module may import its own part or a lower floor
 FLOORS = {
@@ -26,7 +26,7 @@ FLOORS = {
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)

@@ -1,6 +1,6 @@
 """tgpq.metrics on real CIFAR-10 data and on analytic cases.
 
-The classifier tests use the shipped assets (tgpq/assets/cifar10_classifier.*,
+The classifier tests use the shipped assets (src/tgpq/assets/cifar10_classifier.*,
 cifar10_train_feature_stats.safetensors); the Inception tests use a randomly initialised
 FID-Inception saved with the pytorch-fid key layout (real weights cannot be downloaded here).
 """
@@ -20,7 +20,7 @@ from tgpq.metrics import (classifier_features, classifier_logits, classifier_pre
                           load_train_feature_stats, precision_recall, psnr, ssim)
 from tgpq.metrics.inception import FIDInceptionV3
 
-# Measured with benchmarks/train_classifier.py (see tgpq/assets/cifar10_classifier.json):
+# Measured with benchmarks/train_classifier.py (see src/tgpq/assets/cifar10_classifier.json):
 # accuracy on the full 10000-image test set. On a random 1000-image subset the binomial standard
 # deviation is sqrt(p(1-p)/1000) ~ 1.3 points, so MEASURED - 4 points is a > 3-sigma margin.
 

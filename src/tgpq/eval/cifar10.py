@@ -9,15 +9,17 @@ import numpy as np
 
 
 def default_cifar_root() -> Path:
-    """``$TGPQ_CIFAR10`` if set, else ``../shared/assets/cifar10`` next to the repository."""
+    """``$TGPQ_CIFAR10`` if set, else the first ``shared/assets/cifar10`` found beside the current folder,
+    the checkout or one of their parents (the project's layout: ``../shared`` next to the repository)."""
     env = os.environ.get("TGPQ_CIFAR10")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "shared" / "assets" / "cifar10", Path.cwd().parent / "shared" / "assets" / "cifar10"):
+    cwd = Path.cwd().resolve()
+    for base in (cwd, *cwd.parents, *Path(__file__).resolve().parents):
+        cand = base / "shared" / "assets" / "cifar10"
         if cand.is_dir():
             return cand
-    return here.parent / "shared" / "assets" / "cifar10"
+    return cwd.parent / "shared" / "assets" / "cifar10"
 
 
 def load_cifar10(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
