@@ -206,11 +206,12 @@ def test_error_empty_set(unet, calib):
         calibrate(unet, empty, _cfg("rtn"), progress=False)
 
 
-def test_error_too_few_timesteps_for_groups(unet, calib):
+def test_too_few_timesteps_for_groups_uses_fewer_groups_with_a_warning(unet, calib):
     few = CalibrationSet(x=calib.x[:8], t=torch.tensor([500] * 4 + [300] * 4), val_x=calib.val_x[:2],
                          val_t=torch.tensor([500, 300]), kept_timesteps=torch.tensor([500, 300]))
-    with pytest.raises(ValueError, match="num_groups=5"):
-        calibrate(unet, few, _cfg("rtn"), progress=False)
+    with pytest.warns(UserWarning, match="num_groups=5"):
+        qs = calibrate(unet, few, _cfg("rtn"), progress=False)
+    assert qs.config.num_groups == 2 and int(qs.timestep_to_group[500]) != int(qs.timestep_to_group[300])
 
 
 def test_error_timesteps_outside_schedule(unet, calib):

@@ -176,7 +176,7 @@ def test_bad_input_raises_clearly():
     conv = torch.nn.Conv2d(4, 3, 3, 1, 1)
     layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
     layer.backend = "cpu"
-    with pytest.raises(TypeError, match="float32 or bfloat16"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         cb.conv2d(layer, torch.randint(0, 5, (1, 4, 5, 5)))
     with pytest.raises(ValueError, match="channels"):
         cb.conv2d(layer, torch.randn(1, 5, 5, 5))

@@ -5,6 +5,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu/ukernel.h"
@@ -36,6 +38,15 @@ struct NoPost {
   void operator()(int64_t, int64_t, int64_t, int64_t) const {}
 };
 
+// NaN propagation: a row of A that holds the code 0 (a NaN activation, see ukernel.h) makes its output
+// row NaN, as a float GEMM would. memchr is vectorised; the scan is one byte per MAC row, ~1/N of the GEMM.
+inline void mark_nan_rows(const uint8_t* a, int64_t lda, int64_t rows, int64_t row_bytes, float* y, int64_t ldy,
+                          int64_t nc) {
+  for (int64_t i = 0; i < rows; ++i)
+    if (std::memchr(a + i * lda, 0, static_cast<size_t>(row_bytes)) != nullptr)
+      std::fill(y + i * ldy, y + i * ldy + nc, std::numeric_limits<float>::quiet_NaN());
+}
+
 // y[M, N] = epilogue(A @ W^T). fill(m0, rows, buf, &lda) provides A rows [m0, m0 + rows) (packing
 // them into buf, kg * 4 bytes per row, or returning a direct pointer); post(m0, rows, n0, nc) runs on
 // the block just written (still in cache). parallel_for(begin, end, grain, fn(b, e)) runs the tasks;
@@ -62,6 +73,7 @@ void run_gemm(int64_t M, const PackedW& pw, Isa isa, const float* scale, const f
       int64_t lda = row_bytes;
       const uint8_t* a = fill(m0, rows, buf.data(), &lda);
       gemm_block(uk, rows, n0, nc, pw.kg, a, lda, pw.w, pw.bstride, pw.wsum, scale, bias, y + m0 * N + n0, N);
+      mark_nan_rows(a, lda, rows, row_bytes, y + m0 * N + n0, N, nc);
       post(m0, rows, n0, nc);
     }
   });

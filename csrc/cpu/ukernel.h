@@ -2,7 +2,9 @@
 // names are contracts). Pure C++ (no torch): the standalone ctest build covers them.
 //
 // Numerics (tgpq/numerics):
-//   activations are stored as u8 with zero point 128:  a_u8 = clamp(rne(x * inv), -127, 127) + 128
+//   activations are stored as u8 with zero point 128:  a_u8 = clamp(rne(x * inv), -127, 127) + 128;
+//   the code 0 (never a quantized value) marks a NaN activation, and a GEMM row that reads one is NaN
+//   (cpu/gemm.h), so NaN propagates as in a float layer; +-Inf saturate to +-127 like any large value
 //   acc[m, n] = sum_k (a_u8[m, k] - 128) * w[n, k]                     (exact int32)
 //   y[m, n]   = fma(float(acc), scale[n], bias[n])     scale[n] = a_scale * w_scale[n] (float32)
 // Every ISA path produces the same int32 accumulators and the same fma epilogue, so all paths are
@@ -46,6 +48,7 @@ void norm_silu_quantize_row_avx2(const float* x, const float* A, const float* B,
 
 // Scalar building blocks shared by every path's remainder loop.
 inline uint8_t quantize_one_u8(float v, float inv) {
+  if (std::isnan(v)) return 0;
   float q = std::nearbyintf(v * inv);
   q = std::min(127.0f, std::max(-127.0f, q));
   return static_cast<uint8_t>(static_cast<int>(q) + 128);

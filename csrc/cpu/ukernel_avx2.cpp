@@ -169,7 +169,7 @@ TGPQ_AVX2 void avx2_w4(const GemmTile& t) {
   store_rows_mem(t, acc, /*subtract_wsum=*/true);
 }
 
-// Quantizes 32 floats v[0..3] (8 each, already in activation units: x * inv) to u8 + 128 at out.
+// Quantizes 32 floats v[0..3] (8 each, already in activation units: x * inv) to u8 + 128 at out; NaN -> 0.
 TGPQ_AVX2 inline void quantize_store32(const __m256 v[4], uint8_t* out) {
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i zp = _mm256_set1_epi32(128);
@@ -177,7 +177,9 @@ TGPQ_AVX2 inline void quantize_store32(const __m256 v[4], uint8_t* out) {
   __m256i q[4];
   for (int j = 0; j < 4; ++j) {
     const __m256 r = _mm256_round_ps(v[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q[j] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)), zp);
+    const __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)), zp);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+    q[j] = _mm256_andnot_si256(nan, c);  // the NaN code 0
   }
   const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(b, perm));

@@ -36,15 +36,16 @@ at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, 
               " groups");
   for (const auto* t : {&weight, &bias}) {
     if (*t && (*t)->defined())
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == C && (*t)->scalar_type() == at::kFloat,
-                  "groupnorm affine parameters must be float32 [", C, "]");
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == C && (*t)->is_floating_point(),
+                  "groupnorm affine parameters must be floating [", C, "]");
   }
   const float inv = 1.0f / read_act_scale(a_scale, group_index);
   const Isa isa = resolve_isa(isa_id);
   auto xf = x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const float* xp = xf.data_ptr<float>();
-  at::Tensor wc = weight && weight->defined() ? weight->contiguous() : at::ones({C}, xf.options());
-  at::Tensor bc = bias && bias->defined() ? bias->contiguous() : at::zeros({C}, xf.options());
+  // affine parameters of a float16 / bfloat16 model are read in float32
+  at::Tensor wc = weight && weight->defined() ? weight->to(at::kFloat).contiguous() : at::ones({C}, xf.options());
+  at::Tensor bc = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, xf.options());
   const float* wp = wc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   const int64_t G = num_groups, Cg = C / G;

@@ -28,10 +28,11 @@ inline cpu::Isa resolve_isa(int64_t isa) {
   return i;
 }
 
+// float32, bfloat16 or float16 activations (computed in float32; outputs in the input's dtype).
 inline void check_cpu_float_input(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "cpu backend: input must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "cpu backend: input must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "cpu backend: input must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
 }  // namespace tgpq

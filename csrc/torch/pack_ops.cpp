@@ -34,8 +34,8 @@ at::Tensor unpack_int4_cpu(const at::Tensor& packed, int64_t k) {
 
 // Symmetric int8 quantization with the scale of the current group (numerics contract).
 at::Tensor quantize_act_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "quantize_act: input must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "quantize_act: input must be float32, bfloat16 or float16, got ", x.scalar_type());
   const float s = read_act_scale(a_scale, group_index);
   auto xf = x.to(at::kFloat).contiguous();
   auto out = at::empty(xf.sizes(), xf.options().dtype(at::kChar));

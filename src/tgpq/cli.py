@@ -1,7 +1,7 @@
 """The ``tgpq`` command line: demo, calibrate, sample, evaluate, bench, info.
 
-Errors a user can cause (bad paths, bad bit specs, corrupt files) print one line
-``tgpq: error: ...`` and exit with status 2; no traceback.
+Errors a user can cause (bad paths, bad bit specs, bad settings, corrupt files, unwritable outputs) print
+one line ``tgpq: error: ...`` and exit with status 2; no traceback. Outputs are checked before the work.
 """
 from __future__ import annotations
 
@@ -16,23 +16,38 @@ def _cmd_demo(a):
              fast=not a.full)
 
 
+def _check_checkpoint_folder(path: str) -> None:
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path}: exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--checkpoint {path}: its parent folder {parent} is missing or not writable")
+
+
 def _cmd_calibrate(a):
     import torch
 
     from .calibration import calibrate, collect_calibration
-    from .unet import convert, save
     from .recipe import QuantConfig, parse_bits
-    from .unet import load_unet
+    from .unet import convert, load_unet, save
+    from .unet.serialization import check_output_path
 
     wb, ab = parse_bits(a.bits)
+    cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=a.method, iters=a.iters, seed=a.seed)
+    if a.trajectories < 1 or a.steps < 1 or (a.interval is not None and a.interval < 1):
+        raise ValueError("--trajectories, --steps and --interval must be positive")
+    check_output_path(a.out)
+    if a.checkpoint:
+        _check_checkpoint_folder(a.checkpoint)
     unet = load_unet(a.model)
     from diffusers import DDIMScheduler
 
     torch.manual_seed(a.seed)
     calib = collect_calibration(unet, DDIMScheduler(num_train_timesteps=1000), num_trajectories=a.trajectories,
                                 num_steps=a.steps, interval=a.interval, seed=a.seed)
-    cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=a.method, iters=a.iters, seed=a.seed)
-    qstate = calibrate(unet, calib, cfg, checkpoint_path=a.checkpoint) if a.checkpoint else calibrate(unet, calib, cfg)
+    qstate = calibrate(unet, calib, cfg, checkpoint_path=a.checkpoint or None)
     save(convert(unet, qstate), a.out)
     print(f"saved {a.out}")
 
@@ -49,7 +64,11 @@ def _load_any(spec: str):
 
 def _cmd_sample(a):
     from .eval import ddim_sample, save_grid
+    from .unet.serialization import check_output_path
 
+    if a.num < 1 or a.steps < 1 or a.batch_size < 1:
+        raise ValueError("--num, --steps and --batch-size must be positive")
+    check_output_path(a.out)
     model = _load_any(a.model)
     imgs = ddim_sample(model, a.num, a.steps, a.seed, batch_size=a.batch_size)
     save_grid(imgs, a.out)
@@ -105,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="gac", choices=["gac", "uniform", "rtn"])
     c.add_argument("--trajectories", type=int, default=64)
     c.add_argument("--steps", type=int, default=100)
-    c.add_argument("--interval", type=int, default=5)
+    c.add_argument("--interval", type=int, default=None, help="keep every N-th step (default: about 20 kept steps)")
     c.add_argument("--iters", type=int, default=200)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--checkpoint", default=None, help="resume file for block-by-block progress")
@@ -148,7 +167,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"tgpq: error: {msg}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ float images and the feature-space Frechet distance of both; saves a comparison 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def run_demo(out_dir="tgpq-demo", bits: str = "W8A8", method: str = "gac", num_i
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: the demo's output folder is not writable")
     dtype = torch.float16 if device == "cuda" else torch.float32
     unet = load_reference_model(device=device)
     print(f"reference model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, device {device}")

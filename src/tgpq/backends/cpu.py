@@ -14,7 +14,7 @@ in registers.
 ISA paths: ``avx512vnni`` (vpdpbusd, 4x64 tiles), ``avx2`` and ``scalar``. The path is chosen once, at
 first use: ``TGPQ_CPU_ISA=<name>`` if set, else the best this CPU supports; ``set_isa(name)`` /
 ``force_isa(name)`` change it for every later call. Convolutions return channels_last float32 (the
-input's dtype for bfloat16 input); linear returns contiguous ``[..., N]``.
+input's dtype for bfloat16 / float16 input); linear returns contiguous ``[..., N]``.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from . import library
 
 ISA_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32, returned in the input's dtype
 _ISA_NAMES = {v: k for k, v in ISA_IDS.items()}
 _chosen: str | None = None  # the ISA path every op runs; set on first use
 
@@ -89,6 +90,12 @@ def _isa_id() -> int:
     return ISA_IDS[_chosen if _chosen is not None else current_isa()]
 
 
+def state_key(*tensors: torch.Tensor) -> tuple:
+    """Identity of tensors' current contents: storage and in-place version (inference tensors, which keep no
+    version counter and can only change inside inference mode, by storage alone)."""
+    return tuple((t.data_ptr(), t.device, -1 if t.is_inference() else t._version) for t in tensors)
+
+
 def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Repack ``layer``'s weight into the microkernel layout once; returns ``(w_c4, wsum)``.
 
@@ -96,13 +103,13 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     the weight, the zero-point compensation). Cached as non-persistent buffers on the layer.
     """
     library.require_extension()
-    key = (layer.w_packed.data_ptr(), layer.w_packed._version, layer.bits)
+    key = (state_key(layer.w_packed), layer.bits)
     if getattr(layer, "_cpu_w_c4", None) is not None and getattr(layer, "_cpu_key", None) == key:
         return layer._cpu_w_c4, layer._cpu_wsum
     w_c4, wsum = torch.ops.tgpq.prepack_c4(layer.w_packed.cpu(), layer.bits, layer.k)
     layer.register_buffer("_cpu_w_c4", w_c4, persistent=False)
     layer.register_buffer("_cpu_wsum", wsum, persistent=False)
-    object.__setattr__(layer, "_cpu_key", (layer.w_packed.data_ptr(), layer.w_packed._version, layer.bits))
+    object.__setattr__(layer, "_cpu_key", key)
     return w_c4, wsum
 
 
@@ -111,8 +118,8 @@ def _check_input(x: torch.Tensor) -> None:
         raise TypeError(f"cpu backend expects a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cpu":
         raise ValueError(f"cpu backend got a tensor on {x.device}")
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"cpu backend: input must be float32 or bfloat16, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cpu backend: input must be float32, bfloat16 or float16, got {x.dtype}")
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:

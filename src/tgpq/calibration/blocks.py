@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..nn import QConv2d
+
 UNIT_CLASS_NAMES = ("ResnetBlock2D", "Transformer2DModel", "Attention", "Downsample2D", "Upsample2D")
 
 
@@ -44,6 +46,15 @@ def is_excluded(name: str, exclude) -> bool:
 def quantizable_layers(unet: nn.Module, exclude) -> list[str]:
     """Qualified names of every ``nn.Linear`` / ``nn.Conv2d`` not excluded, in ``named_modules`` order."""
     return [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_excluded(n, exclude)]
+
+
+def check_convertible(unet: nn.Module, exclude) -> None:
+    """Raise ``ValueError`` (naming the layer) for a quantizable layer ``convert`` could not convert:
+    checked before any calibration work."""
+    for name in quantizable_layers(unet, exclude):
+        layer = unet.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            QConv2d.check_supported(layer, name)
 
 
 def _is_unit_module(m: nn.Module) -> bool:

@@ -22,8 +22,10 @@ Adam's state for the logits restarts at every block (our choice; it keeps resumi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -32,8 +34,8 @@ from tqdm.auto import tqdm
 
 from .. import numerics
 from ..nn.routing import group_of, timestep_groups_from_calibration
-from ..recipe import LayerQState, QuantConfig, QuantState
-from .blocks import ReconUnit, find_units
+from ..recipe import LayerQState, QuantConfig, QuantState, WeightsFingerprint
+from .blocks import ReconUnit, check_convertible, find_units
 from .capture import ActRangeStats, UnitData, capture_unit, main_output
 from .checkpoint import CalibrationCheckpoint
 from .collect import CalibrationSet
@@ -60,12 +62,15 @@ def _check_calibration_set(calib: CalibrationSet, config: QuantConfig) -> None:
         raise ValueError("method='gac' needs a validation set: collect with val_fraction > 0")
 
 
-def _group_table(calib: CalibrationSet, config: QuantConfig) -> torch.Tensor:
+def _group_table(calib: CalibrationSet, config: QuantConfig) -> tuple[torch.Tensor, QuantConfig]:
+    """The timestep -> group table; with fewer distinct timesteps than ``config.num_groups``, one group per
+    timestep (a warning says so) and the config that records it."""
     kept = torch.unique(calib.t)
-    try:
-        return timestep_groups_from_calibration(kept, config.num_groups, config.num_train_timesteps)
-    except ValueError as e:
-        raise ValueError(f"calibration timesteps do not match config.num_groups={config.num_groups}: {e}") from None
+    if kept.numel() < config.num_groups:
+        warnings.warn(f"only {kept.numel()} distinct calibration timesteps: using {kept.numel()} timestep groups "
+                      f"instead of config.num_groups={config.num_groups} (collect more steps for more groups)")
+        config = dataclasses.replace(config, num_groups=int(kept.numel()))
+    return timestep_groups_from_calibration(kept, config.num_groups, config.num_train_timesteps), config
 
 
 def _sample_fn(x, t, cond, cond_kind, device, dtype):
@@ -150,10 +155,11 @@ def _layer_states(unit: ReconUnit, block: nn.Module) -> dict:
     return out
 
 
-def _fingerprint(calib: CalibrationSet, config: QuantConfig) -> dict:
-    """JSON-normalised identity of a calibration run (config, calibration-set size and checksums)."""
-    return json.loads(json.dumps({"config": config.to_dict(), "num_train": len(calib), "num_val": int(calib.val_x.shape[0]),
-            "x_sum": round(float(calib.x.double().sum()), 6), "t_sum": int(calib.t.sum())}))
+def _fingerprint(calib: CalibrationSet, config: QuantConfig, weights: str) -> dict:
+    """JSON-normalised identity of a calibration run (config, float weights, calibration-set size and checksums)."""
+    return json.loads(json.dumps({"config": config.to_dict(), "float_weights": weights, "num_train": len(calib),
+                                  "num_val": int(calib.val_x.shape[0]),
+                                  "x_sum": round(float(calib.x.double().sum()), 6), "t_sum": int(calib.t.sum())}))
 
 
 def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None = None, *,
@@ -173,8 +179,9 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    check_convertible(unet, config.exclude)
     _check_calibration_set(calib, config)
-    table = _group_table(calib, config)
+    table, config = _group_table(calib, config)
     t_start = time.perf_counter()
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
@@ -187,13 +194,15 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     units = find_units(unet, config.exclude, probe)
     modules = dict(unet.named_modules())
 
+    weights_fp = WeightsFingerprint.of(unet)
     ckpt = None
     if checkpoint_path is not None:
-        ckpt = CalibrationCheckpoint(checkpoint_path, _fingerprint(calib, config))
+        ckpt = CalibrationCheckpoint(checkpoint_path, _fingerprint(calib, config, weights_fp.digest()))
         ckpt.load()
     done = set(ckpt.done) if ckpt is not None else set()
 
-    qstate = QuantState(config=config, timestep_to_group=table.clone())
+    qstate = QuantState(config=config, timestep_to_group=table.clone(),
+                        float_fingerprint=weights_fp)
     n = len(calib)
     logits = torch.zeros(n, dtype=torch.float32)
     block_seconds = {}

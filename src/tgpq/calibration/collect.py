@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..nn.routing import timestep_index
+
 COND_KINDS = ("class_labels", "encoder_hidden_states")
 
 
@@ -98,18 +100,23 @@ def _run_trajectories(unet, scheduler, noise, cond, cond_kind, num_steps, interv
             model_in = sched.scale_model_input(x, t)
             if i in keep:
                 xs.append(model_in.to(storage_device, torch.float32))
-                ts.append(torch.full((x.shape[0],), int(t), dtype=torch.int64, device=storage_device))
+                ts.append(torch.full((x.shape[0],), int(timestep_index(t)), dtype=torch.int64, device=storage_device))
                 if c is not None:
                     cs.append(c.to(storage_device))
             eps = unet(model_in.to(dtype), t, **kw, return_dict=False)[0]
             x = sched.step(eps.float(), t, x).prev_sample
             bar.update(1)
     bar.close()
-    kept = torch.tensor([int(timesteps[i]) for i in keep], dtype=torch.int64)
+    kept = torch.tensor([int(timestep_index(timesteps[i])) for i in keep], dtype=torch.int64)
     return torch.cat(xs), torch.cat(ts), (torch.cat(cs) if cs else None), kept
 
 
-def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int = 100, interval: int = 5,
+def default_interval(num_steps: int) -> int:
+    """Keep about 20 steps of a trajectory (TFMQ-DM / Q-Diffusion: every 5th of 100)."""
+    return max(1, round(num_steps / 20))
+
+
+def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int = 100, interval: int | None = None,
                         val_fraction: float = 0.05, seed: int = 0, batch_size: int = 64,
                         storage_device: str | torch.device = "cpu", class_labels: torch.Tensor | None = None,
                         encoder_hidden_states: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
@@ -118,7 +125,8 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
     * ``scheduler``: a diffusers scheduler with ``set_timesteps`` / ``step`` (DDIM expected); it is
       copied, not modified.
     * Trajectory ``j`` starts from noise drawn with seed ``seed`` (training) or ``seed + 1_000_003``
-      (validation); every ``interval``-th of the ``num_steps`` steps (starting with the first) is kept.
+      (validation); every ``interval``-th of the ``num_steps`` steps (starting with the first) is kept
+      (default ``default_interval(num_steps)``: about 20 kept steps, 5 for 100 steps as in the paper).
     * Validation: ``max(1, round(val_fraction * num_trajectories))`` further trajectories, so every
       kept timestep has the same count there (and the validation set is ~``val_fraction`` of ``X_T``).
     * ``class_labels`` int64 ``[K]`` or ``encoder_hidden_states`` ``[K, L, D]`` (at most one):
@@ -127,6 +135,7 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
     """
     if num_trajectories < 1:
         raise ValueError(f"num_trajectories={num_trajectories}: need at least one trajectory")
+    interval = default_interval(num_steps) if interval is None else interval
     if num_steps < 1 or interval < 1:
         raise ValueError(f"num_steps={num_steps} and interval={interval} must be positive")
     if not (0.0 <= val_fraction < 1.0):

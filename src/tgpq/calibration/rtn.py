@@ -15,8 +15,8 @@ from torch import nn
 
 from ..nn.routing import group_of, uniform_timestep_groups
 from ..numerics import absmax_weight_scale, act_scale_from_range, mse_weight_scale, quantize_weight
-from ..recipe import LayerQState, QuantConfig, QuantState
-from .blocks import quantizable_layers
+from ..recipe import LayerQState, QuantConfig, QuantState, WeightsFingerprint
+from .blocks import check_convertible, quantizable_layers
 
 
 def group_midpoints(config: QuantConfig) -> list[int]:
@@ -38,6 +38,7 @@ def rtn_quant_state(unet: nn.Module, config: QuantConfig, inputs: Callable[[int,
     """
     if weight_scale not in ("mse", "absmax"):
         raise ValueError(f"weight_scale={weight_scale!r}: use 'mse' or 'absmax'")
+    check_convertible(unet, config.exclude)
     table = uniform_timestep_groups(config.num_groups, config.num_train_timesteps)
     names = quantizable_layers(unet, config.exclude)
     amax = {n: torch.zeros(config.num_groups) for n in names}
@@ -66,4 +67,5 @@ def rtn_quant_state(unet: nn.Module, config: QuantConfig, inputs: Callable[[int,
         bits = config.weight_bits
         s = mse_weight_scale(w, bits) if weight_scale == "mse" else absmax_weight_scale(w, bits)
         layers[n] = LayerQState(quantize_weight(w, s, bits), s, act_scale_from_range(-a, a))
-    return QuantState(config=config, timestep_to_group=table, layers=layers)
+    return QuantState(config=config, timestep_to_group=table, layers=layers,
+                      float_fingerprint=WeightsFingerprint.of(unet))

@@ -112,12 +112,14 @@ class QConv2d(_QuantLayer):
 
     @staticmethod
     def check_supported(conv: nn.Conv2d, name: str = "conv") -> None:
+        """Raise ``ValueError`` naming the layer when tgpq cannot quantize this conv."""
+        hint = "exclude it (QuantConfig.exclude) to keep it in float"
         if conv.groups != 1:
-            raise ValueError(f"{name}: grouped convolution (groups={conv.groups}) is not supported by tgpq")
+            raise ValueError(f"{name}: grouped convolution (groups={conv.groups}) is not supported by tgpq; {hint}")
         if conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+            raise ValueError(f"{name}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros'); {hint}")
         if isinstance(conv.padding, str):
-            raise ValueError(f"{name}: string padding {conv.padding!r} is not supported; use explicit padding")
+            raise ValueError(f"{name}: string padding {conv.padding!r} is not supported (use explicit padding); {hint}")
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, lq: LayerQState, bits: int, act_scale: torch.Tensor | None = None,

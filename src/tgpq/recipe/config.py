@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 SUPPORTED_WEIGHT_BITS = (4, 8)
@@ -72,29 +73,26 @@ class QuantConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
-            raise ValueError(
-                f"weight_bits={self.weight_bits!r} is not supported: weights can be quantized to "
-                f"{' or '.join(map(str, SUPPORTED_WEIGHT_BITS))} bits"
-            )
-        if self.act_bits not in SUPPORTED_ACT_BITS:
-            raise ValueError(
-                f"act_bits={self.act_bits!r} is not supported: activations are quantized to 8 bits "
-                f"(int8 kernels); use act_bits=8"
-            )
-        if self.method not in SUPPORTED_METHODS:
-            raise ValueError(f"method={self.method!r} is unknown: choose one of {SUPPORTED_METHODS}")
-        if not (1 <= self.num_groups <= self.num_train_timesteps):
-            raise ValueError(
-                f"num_groups={self.num_groups} must be between 1 and num_train_timesteps="
-                f"{self.num_train_timesteps}"
-            )
-        if self.block_inputs not in ("fp", "quantized"):
-            raise ValueError(f"block_inputs={self.block_inputs!r} is unknown: choose 'fp' or 'quantized'")
-        if self.tau <= 0:
-            raise ValueError(f"tau={self.tau} must be positive")
+        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+            raise ValueError(f"QuantConfig.exclude={self.exclude!r}: must be a list or tuple of layer-name prefixes "
+                             f"(a single string would be read character by character)")
         self.exclude = tuple(self.exclude)
+        if len(tuple(self.adaround_beta)) != 2:
+            raise ValueError(f"QuantConfig.adaround_beta={self.adaround_beta!r}: must be two numbers (start, end)")
         self.adaround_beta = tuple(self.adaround_beta)
+        for name, rule in _RULES.items():
+            _check(name, getattr(self, name), *rule)
+        if not self.num_groups <= self.num_train_timesteps:
+            raise ValueError(f"QuantConfig.num_groups={self.num_groups}: must be between 1 and "
+                             f"num_train_timesteps={self.num_train_timesteps}")
+        b0, b1 = self.adaround_beta
+        for v in (b0, b1):
+            _check("adaround_beta", v, "float", 0.0, None, True)
+        if b0 < b1:
+            raise ValueError(f"QuantConfig.adaround_beta={self.adaround_beta!r}: anneals from the first to the "
+                             f"second value, so the first must be >= the second")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"QuantConfig.extra={self.extra!r}: must be a dict")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,6 +104,62 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def _check(name: str, value, kind: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> None:
+    """One line naming the field and the allowed values when ``value`` does not fit the rule."""
+    if kind == "choice":
+        if isinstance(value, bool) or value not in lo or type(value) is not type(lo[0]):
+            raise ValueError(f"QuantConfig.{name}={value!r}: unknown or unsupported value; choose one of {tuple(lo)}")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"QuantConfig.{name}={value!r}: must be True or False")
+        return
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        bounds = " and ".join(b for b in (lo_s, hi_s) if b)
+        raise ValueError(f"QuantConfig.{name}={value!r}: must be {what}{' ' + bounds if bounds else ''}")
+
+
+# field -> (kind, low, high, low open, high open); exclude, adaround_beta and extra are checked by hand
+_RULES = {
+    "weight_bits": ("choice", SUPPORTED_WEIGHT_BITS),
+    "act_bits": ("choice", SUPPORTED_ACT_BITS),
+    "method": ("choice", SUPPORTED_METHODS),
+    "num_groups": ("int", 1),
+    "num_train_timesteps": ("int", 1),
+    "weight_clip_grid": ("int", 1),
+    "act_quantile": ("float", 0.5, 1.0, True),
+    "act_ema_momentum": ("float", 0.0, 1.0, False, True),
+    "iters": ("int", 0),
+    "batch_size": ("int", 1),
+    "lr_adaround": ("float", 0.0, None, True),
+    "lr_act_scale": ("float", 0.0),
+    "learn_act_scale": ("bool",),
+    "adaround_reg_weight": ("float", 0.0),
+    "adaround_warmup": ("float", 0.0, 1.0, False, True),
+    "tau": ("float", 0.0, None, True),
+    "val_fraction": ("float", 0.0, 1.0, False, True),
+    "gm_lambda": ("float", 0.0),
+    "lookahead_eta": ("float", 0.0, None, True),
+    "lr_sample_logits": ("float", 0.0, None, True),
+    "weight_steps": ("int", 0),
+    "weights_carry_over": ("bool",),
+    "block_inputs": ("choice", ("quantized", "fp")),
+    "seed": ("int", 0),
+}
 
 
 def parse_bits(spec: str) -> tuple[int, int]:

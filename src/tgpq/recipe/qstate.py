@@ -5,6 +5,7 @@ integer weights and scales, plus the timestep -> group table and the calibration
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,58 @@ class LayerQState:
                 raise ValueError(f"{name}: split layer needs act_scale [G, {len(self.in_splits)}]")
 
 
+_RELATIVE_PRECISION = {torch.float32: 0.0, torch.float64: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsFingerprint:
+    """Which float weights a ``QuantState`` was calibrated on (``WeightsFingerprint.of(unet)``).
+
+    * ``layout``: sha256 (16 hex digits) of the names and shapes of the model's floating tensors;
+    * ``samples``: float32 ``[num_tensors, k]``, ``k`` evenly strided values of each tensor;
+    * ``dtype``: the coarsest floating dtype the samples were read from.
+    Two fingerprints match when the layouts are equal and the samples agree up to the rounding of the
+    coarser dtype, so the same weights held in float32, float16 or bfloat16 match while another
+    checkpoint of the architecture (whose values differ almost everywhere) does not. A guard against
+    mistakes, not a seal of every value; reading it costs ``k`` values a tensor.
+    """
+
+    layout: str
+    samples: torch.Tensor
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, k: int = 16) -> "WeightsFingerprint":
+        h, rows, coarsest = hashlib.sha256(), [], torch.float32
+        for name, t in sorted(model.state_dict().items()):
+            if not t.is_floating_point():
+                continue
+            h.update(f"{name}|{tuple(t.shape)}|".encode())
+            flat = t.detach().reshape(-1)
+            v = flat[::max(1, flat.numel() // k)][:k].to("cpu", torch.float32)
+            rows.append(torch.cat([v, v.new_zeros(k - v.numel())]))
+            if _RELATIVE_PRECISION.get(t.dtype, 0.0) > _RELATIVE_PRECISION[coarsest]:
+                coarsest = t.dtype
+        samples = torch.stack(rows) if rows else torch.zeros(0, k)
+        return cls(h.hexdigest()[:16], samples, coarsest)
+
+    def matches(self, other: "WeightsFingerprint") -> bool:
+        if self.layout != other.layout or self.samples.shape != other.samples.shape:
+            return False
+        rtol = max(_RELATIVE_PRECISION[self.dtype], _RELATIVE_PRECISION[other.dtype])
+        atol = 2.0 ** -24 if torch.float16 in (self.dtype, other.dtype) else 0.0  # float16 subnormals
+        return bool(((self.samples - other.samples).abs() <= rtol * other.samples.abs() + atol).all())
+
+    def digest(self) -> str:
+        """Exact identity (layout and sample bytes), e.g. for resuming a calibration."""
+        h = hashlib.sha256(self.layout.encode())
+        h.update(self.samples.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.digest()
+
+
 @dataclass
 class QuantState:
     """Everything ``convert`` needs, plus what the calibration learned (for inspection).
@@ -60,6 +113,8 @@ class QuantState:
     * ``sample_weights``: block name -> ``{"timesteps": int64 [n], "weights": float32 [n]}``
       (gac only; empty otherwise).
     * ``block_mse``: block name -> dict of output MSEs measured during calibration.
+    * ``float_fingerprint``: the ``WeightsFingerprint`` of the float UNet it was calibrated on
+      (``convert`` refuses another UNet); None for states built without one.
     * ``meta``: free-form JSON-able info (timings, versions).
     """
 
@@ -68,6 +123,7 @@ class QuantState:
     layers: dict = field(default_factory=dict)
     sample_weights: dict = field(default_factory=dict)
     block_mse: dict = field(default_factory=dict)
+    float_fingerprint: WeightsFingerprint | None = None
     meta: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -1,20 +1,22 @@
 """``convert``: swap the float layers of a diffusers UNet for quantized ones, per a ``QuantState``.
 
-This is the only module that knows about UNets: it finds layers by qualified name, replaces
-``nn.Linear`` -> ``QLinear`` and ``nn.Conv2d`` -> ``QConv2d`` (``QSplitConv2d`` for split layers),
-installs one ``TimestepRouter`` as ``unet.tgpq_router`` and a forward pre-hook that routes the
-call's timestep. The result is the same diffusers class with the same call signature and output.
+It finds layers by qualified name, replaces ``nn.Linear`` -> ``QLinear`` and ``nn.Conv2d`` ->
+``QConv2d`` (``QSplitConv2d`` for split layers), installs one ``TimestepRouter`` as
+``unet.tgpq_router`` and, as the instance's forward, ``tgpq.nn.routing.routed_forward``, which routes
+the call's timestep wherever the forward runs. The result is the same diffusers class with the same
+call signature and output.
 """
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import nn
 
 from ..backends.library import has_extension
-from ..nn import BACKENDS, QConv2d, QLinear, QSplitConv2d, TimestepRouter, route_pre_hook
-from ..recipe import LayerQState, QuantState
+from ..nn import BACKENDS, QConv2d, QLinear, QSplitConv2d, TimestepRouter, routed_forward
+from ..recipe import LayerQState, QuantState, WeightsFingerprint
 from .cpu_fusion import fuse_for_cpu
 
 QUANT_LAYER_TYPES = (QLinear, QConv2d, QSplitConv2d)
@@ -49,9 +51,7 @@ def install_router(model: nn.Module, router: TimestepRouter) -> None:
     for m in model.modules():
         if isinstance(m, (QLinear, QConv2d)):
             m.attach_router(router)
-    if not getattr(model, "_tgpq_hooked", False):
-        model.register_forward_pre_hook(route_pre_hook, with_kwargs=True)
-        model._tgpq_hooked = True
+    model.forward = types.MethodType(routed_forward, model)  # routes wherever the forward runs
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -64,18 +64,29 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-def convert(unet: nn.Module, qstate: QuantState, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(unet: nn.Module, qstate: QuantState, backend: str = "auto", inplace: bool = False,
+            allow_other_weights: bool = False) -> nn.Module:
     """Return ``unet`` with every layer named in ``qstate.layers`` quantized.
 
     ``unet`` is a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (any ``nn.Module`` whose
     forward takes ``(sample, timestep, ...)`` works). The input model is left untouched unless
     ``inplace=True``. Layers not in ``qstate`` (the config's ``exclude`` list) stay in float.
+    A ``qstate`` calibrated on other float weights (``QuantState.float_fingerprint``) is refused
+    unless ``allow_other_weights=True``: its scales and rounding belong to those weights.
     """
     if not isinstance(qstate, QuantState):
         raise TypeError(f"convert expects a tgpq.QuantState, got {type(qstate).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
     qstate.validate()
     if getattr(unet, "tgpq_router", None) is not None:
         raise ValueError("this model is already converted")
+    if qstate.float_fingerprint is not None and not allow_other_weights:
+        mine = WeightsFingerprint.of(unet)
+        if not qstate.float_fingerprint.matches(mine):
+            raise ValueError(f"this QuantState was calibrated on other float weights (fingerprint "
+                             f"{qstate.float_fingerprint}, this UNet {mine}): convert the UNet it was calibrated "
+                             f"on, or pass allow_other_weights=True")
     model = unet if inplace else copy.deepcopy(unet)
     bits = qstate.config.weight_bits
     for name, lq in qstate.layers.items():

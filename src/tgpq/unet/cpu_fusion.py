@@ -4,8 +4,8 @@
 
 * ``ResnetBlock2D`` (no up/down-sampling inside the block): ``norm1 -> SiLU -> conv1`` and
   ``norm2 -> SiLU -> conv2`` each become one fused pass (GroupNorm statistics, normalise, SiLU,
-  quantize with the conv's activation scale, write uint8 NHWC: ``cpu_groupnorm_silu_quantize``)
-  followed by the implicit-GEMM conv over that uint8 tensor (``cpu_qconv2d_u8``). Activations stay
+  quantize with the conv's activation scale, write uint8 NHWC: ``groupnorm_silu_quantize``)
+  followed by the implicit-GEMM conv over that uint8 tensor (``qconv2d_u8``). Activations stay
   channels_last from block to block. Applies where the conv is a plain ``QConv2d``; a split conv
   (concatenated skip input) keeps the unfused norm for that half of the block. The time-embedding
   add (into conv1), the second branch of a split conv and the residual add (into conv2) are done on
@@ -13,17 +13,18 @@
 * ``Attention`` (self-attention, no mask): when ``to_q``, ``to_k``, ``to_v`` are ``QLinear`` layers with
   identical activation-scale tables (they read the same tensor), they are merged into one
   ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs. The
-  attention itself stays float32 ``scaled_dot_product_attention`` (no error added).
+  merged layer is derived from the three and rebuilt when their tensors change (it is not state).
+  The attention itself stays float32 ``scaled_dot_product_attention`` (no error added).
 
 Numerics: the fused GroupNorm + SiLU differs from torch's by a few float32 ulps (see
 ``csrc/torch/norm_ops.cpp``), so a quantized activation moves by one step only where it lies within
 ~1e-6 of a rounding boundary. The fused adds are the same float32 adds, except that a split conv1 sums
 ``(branch0 + temb) + branch1`` where the module computes ``(branch0 + branch1) + temb`` (ulps).
 
-The patched forwards fall back to the original code when the input is not a CPU tensor, when grad is
-enabled, or when the layer's backend is forced to something other than ``cpu``/``auto``.
-``unfuse_for_cpu(model)`` restores the original forwards (the merged qkv layer is kept; it computes the
-same values).
+The patched forwards fall back to the original code when the layer's backend does not resolve to the
+cpu backend for the input (a CUDA tensor, ``set_backend(model, "reference")``), when grad is enabled,
+or for dtypes other than float32 / bfloat16 / float16 (computed in float32, returned in the model's dtype). ``unfuse_for_cpu(model)`` restores the original forwards
+and attention processors.
 """
 from __future__ import annotations
 
@@ -33,13 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..backends import cpu as cpu_backend
 from ..nn import QConv2d, QLinear, QSplitConv2d
 
 
 def _cpu_path(layer, x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and layer.backend in ("auto", "cpu")
-            and x.dtype in (torch.float32, torch.bfloat16))
+    """The fused path runs where the layer's backend resolves to the cpu backend (the one that has the
+    uint8-NHWC ops), without autograd, on the dtypes its ops take."""
+    return (not torch.is_grad_enabled() and x.dtype in cpu_backend.FLOAT_DTYPES
+            and backends.resolve(layer.backend, x) is cpu_backend)
 
 
 def _is_silu(mod) -> bool:
@@ -85,7 +89,7 @@ def _resnet_forward_cpu(self, input_tensor: torch.Tensor, temb: torch.Tensor, *a
                                 residual=x)
     if self.output_scale_factor != 1.0:
         out = out / self.output_scale_factor
-    return out
+    return out.to(input_tensor.dtype)  # the GEMMs write float32; a float16 / bfloat16 model keeps its dtype
 
 
 def fuse_resnet_block(block: nn.Module) -> bool:
@@ -104,6 +108,8 @@ def fuse_resnet_block(block: nn.Module) -> bool:
 
 
 def _merge_qkv(attn: nn.Module) -> QLinear | None:
+    """One ``QLinear`` computing ``[to_q, to_k, to_v]`` of ``attn`` from their current weights, or None
+    when they cannot be merged (not all quantized, other shapes, other activation scale tables)."""
     q, k, v = attn.to_q, attn.to_k, attn.to_v
     if not all(isinstance(m, QLinear) for m in (q, k, v)):
         return None
@@ -121,23 +127,44 @@ def _merge_qkv(attn: nn.Module) -> QLinear | None:
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
                                         for m in (q, k, v)]))
-    fused.backend = q.backend
+    fused.backend = "cpu"
     if q._router is not None:
         fused.attach_router(q._router)
     return fused.to(q.w_packed.device)
 
 
-class CpuAttnProcessor:
-    """Self-attention with one merged int8 qkv GEMM, float32 SDPA, int8 output projection."""
+def _qkv_key(attn: nn.Module) -> tuple:
+    """Identity of the current q/k/v state: any in-place change (load_state_dict) or new tensor changes it."""
+    tensors = [t for m in (attn.to_q, attn.to_k, attn.to_v)
+               for t in (m.w_packed, m.w_scale, m.a_scale, m.bias) if t is not None]
+    return cpu_backend.state_key(*tensors)
 
-    def __init__(self, qkv: QLinear, original):
-        self.qkv = qkv
+
+class CpuAttnProcessor:
+    """Self-attention with one merged int8 qkv GEMM, float32 SDPA, int8 output projection.
+
+    The merged layer is derived from ``to_q`` / ``to_k`` / ``to_v`` and rebuilt whenever their tensors
+    change (``load_state_dict``, ``.to()``); it is not part of the state dict. The fused path runs only
+    where ``to_q``'s backend resolves to the cpu backend (``set_backend`` switches it off)."""
+
+    def __init__(self, original):
         self.original = original
+        self._qkv: QLinear | None = None
+        self._key: tuple | None = None
+
+    def merged_qkv(self, attn) -> QLinear | None:
+        key = _qkv_key(attn)
+        if key != self._key:
+            self._qkv, self._key = _merge_qkv(attn), key
+        return self._qkv
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        if (encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
-                or hidden_states.dim() != 4 or not _cpu_path(self.qkv, hidden_states)):
+        qkv_layer = None
+        if (encoder_hidden_states is None and attention_mask is None and attn.spatial_norm is None
+                and hidden_states.dim() == 4 and isinstance(attn.to_q, QLinear) and _cpu_path(attn.to_q, hidden_states)):
+            qkv_layer = self.merged_qkv(attn)
+        if qkv_layer is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         b, c, h, w = hidden_states.shape
@@ -145,7 +172,7 @@ class CpuAttnProcessor:
         if attn.group_norm is not None:
             x = attn.group_norm(x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # free for channels_last input
-        qkv = self.qkv(x)
+        qkv = qkv_layer(x)
         inner = qkv.shape[-1] // 3
         head_dim = inner // attn.heads
         q, k, v = (t.reshape(b, h * w, attn.heads, head_dim).transpose(1, 2) for t in qkv.split(inner, dim=-1))
@@ -164,12 +191,11 @@ def fuse_attention(attn: nn.Module) -> bool:
         return True
     if getattr(attn, "is_cross_attention", False) or not hasattr(attn, "to_q"):
         return False
-    qkv = _merge_qkv(attn)
-    if qkv is None:
+    if _merge_qkv(attn) is None:
         return False
     # The merged layer lives in the processor only (not a submodule): the model's state_dict, and so
     # tgpq.save / tgpq.load, stay exactly those of the unfused model.
-    attn.set_processor(CpuAttnProcessor(qkv, attn.processor))
+    attn.set_processor(CpuAttnProcessor(attn.processor))
     return True
 
 

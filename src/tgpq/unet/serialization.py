@@ -3,12 +3,16 @@
 File layout: the converted model's full ``state_dict`` (float parameters of the layers kept in
 float, packed integer weights, scales, the router's table) as safetensors tensors, plus a JSON
 document in the header metadata under the key ``"tgpq"`` with:
-  * ``format``/``version``: ``"tgpq-quantized-unet"`` / 1;
+  * ``format``/``version``: ``"tgpq-quantized-unet"`` / 2;
   * ``quant_config``: the ``QuantConfig``;
   * ``unet_class`` and ``unet_config``: the diffusers class name and its config;
   * ``layers``: per quantized layer its kind and geometry, enough to rebuild it empty;
-  * ``sha256``: a digest of all tensor bytes (names, dtypes, shapes, data), checked on load so a
-    tampered file is caught even when its header still parses.
+  * ``sha256``: a digest of everything that determines the computation, checked on load: all tensor
+    bytes (names, dtypes, shapes, data) and, since version 2, the rest of this JSON document in
+    canonical form. Version-1 files (tensors only) still load.
+
+Files are written atomically (a temporary file in the same folder, fsync, rename) with the usual
+permissions (``0666`` less the umask).
 """
 from __future__ import annotations
 
@@ -18,23 +22,85 @@ import os
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from ..nn import QConv2d, QLinear, QSplitConv2d, TimestepRouter
 from ..recipe import QuantConfig
 from .convert import _parent_and_attr, install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
 
 FORMAT = "tgpq-quantized-unet"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _json_value(o):
+    """``json.dumps`` fallback for config values: paths as strings, other iterables as lists."""
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    try:
+        return list(o)
+    except TypeError:
+        return str(o)
+
+
+def _canonical(meta: dict) -> bytes:
+    """The metadata without its digest, as canonical JSON bytes (sorted keys, no spaces)."""
+    return json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"),
+                      default=_json_value).encode()
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, bytes) and, when given, of the metadata (``_canonical``)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if meta is not None:
+        h.update(b"|metadata|" + _canonical(meta))
     return h.hexdigest()
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` (one line) when ``path`` cannot be written: call before long work."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such folder for the output file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: the output folder is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{path}: the output file exists and is not writable")
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, rename (usual permissions)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _layer_spec(m) -> dict:
@@ -71,9 +137,10 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
         "unet_class": type(model).__name__,
         "unet_config": dict(getattr(model, "config", {}) or {}),
         "layers": {name: _layer_spec(m) for name, m in quantized_layers(model).items()},
-        "sha256": _digest(tensors),
     }
-    save_file(tensors, os.fspath(path), metadata={"tgpq": json.dumps(meta, default=list)})
+    meta = json.loads(json.dumps(meta, default=_json_value))  # what load will parse: digest that
+    meta["sha256"] = _digest(tensors, meta)
+    write_atomically(path, save_tensors(tensors, metadata={"tgpq": json.dumps(meta)}))
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -93,10 +160,12 @@ def _read(path: str) -> tuple[dict, dict]:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt tgpq metadata ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
-    if _digest(tensors) != meta.get("sha256"):
-        raise ValueError(f"{path}: checksum mismatch: the tensor data was modified or damaged")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        fmt, ver = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (None, None)
+        raise ValueError(f"{path}: unsupported format {fmt!r} version {ver!r}")
+    covered = meta if meta["version"] >= 2 else None  # version 1 digested the tensors only
+    if _digest(tensors, covered) != meta.get("sha256"):
+        raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged")
     return meta, tensors
 
 

@@ -121,8 +121,9 @@ def profile_steps(float_model, spec: ModelSpec, variant: Variant, batch: int, de
 # --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="tgpq bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="End-to-end DDIM sampling benchmark: speed and memory of quantized "
+                                            "diffusion sampling (tgpq/eval/bench/__init__.py says what it measures).")
     p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None,
                    help="default GPU: reference ddpm-cifar10 sd15; CPU: reference ddpm-cifar10; --quick: tiny-ddpm tiny-ldm")
     p.add_argument("--batches", nargs="+", type=int, default=None,
