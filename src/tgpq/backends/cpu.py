@@ -100,9 +100,13 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Repack ``layer``'s weight into the microkernel layout once; returns ``(w_c4, wsum)``.
 
     ``w_c4``: int8 ``[ceil(N/16), block_bytes]``; ``wsum``: int32 ``[16 * ceil(N/16)]`` (128 * row sums of
-    the weight, the zero-point compensation). Cached as non-persistent buffers on the layer.
+    the weight, the zero-point compensation). Cached as non-persistent buffers on the layer. Under
+    ``torch.compile`` the cached buffers are used as they are (``convert`` prepares every layer).
     """
+    if torch.compiler.is_compiling():
+        return layer._cpu_w_c4, layer._cpu_wsum
     library.require_extension()
+    current_isa()  # the ISA path is chosen here at the latest (before any torch.compile trace)
     key = (state_key(layer.w_packed), layer.bits)
     if getattr(layer, "_cpu_w_c4", None) is not None and getattr(layer, "_cpu_key", None) == key:
         return layer._cpu_w_c4, layer._cpu_wsum

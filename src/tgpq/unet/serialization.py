@@ -27,7 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from ..nn import QConv2d, QLinear, QSplitConv2d, TimestepRouter
 from ..recipe import QuantConfig
-from .convert import _parent_and_attr, install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
+from .convert import _parent_and_attr, choose_kernels, install_router, quantized_layers, set_backend
 
 FORMAT = "tgpq-quantized-unet"
 VERSION = 2
@@ -216,5 +216,5 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
     model.load_state_dict(tensors, strict=True)
     set_backend(model, backend)
     model = model.to(device).eval()
-    maybe_fuse_for_cpu(model, backend)
+    choose_kernels(model, backend)
     return model
