@@ -367,3 +367,17 @@ def test_groupnorm_statistics_hold_for_large_offsets():
             q = cb.groupnorm_silu_quantize(gn, x, layer).to(torch.int32)
         diff = (q - ref).abs()
         assert diff.max() <= 1 and diff.float().mean() < 1e-2, (isa, diff.max(), diff.float().mean())
+
+
+def test_a_channel_slice_is_quantized_in_place_like_its_copy():
+    """A split conv's branch is a channel slice of a channels_last concatenation: read without a copy."""
+    gen = torch.Generator().manual_seed(14)
+    conv = torch.nn.Conv2d(96, 8, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
+    x = torch.randn(2, 160, 7, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    _, branch = torch.split(x, [64, 96], dim=1)
+    assert not branch.is_contiguous(memory_format=torch.channels_last)
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            assert torch.equal(cb.quantize_nhwc(layer, branch),
+                               cb.quantize_nhwc(layer, branch.contiguous(memory_format=torch.channels_last)))

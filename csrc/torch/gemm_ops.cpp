@@ -125,15 +125,25 @@ at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, 
   TORCH_CHECK(x.dim() == 4, "quantize_nhwc_u8: expected [B, C, H, W], got ", x.dim(), " dims");
   const Isa isa = resolve_isa(isa_id);
   const float inv = 1.0f / act_scale(a_scale, group_index);
-  // channels_last float32 input: a flat pass; anything else is brought there first.
-  auto xf = x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // float32 channels_last, or a channel slice of it (a split conv's branch of a concatenation): pixel p's C
+  // values are contiguous at p * ps and are read in place; anything else is brought to channels_last first.
+  auto xf = x.to(at::kFloat);
+  const int64_t ps = xf.stride(3);
+  const bool pixel_rows = xf.stride(1) == 1 && ps >= C && xf.stride(2) == ps * W && xf.stride(0) == ps * W * H;
+  if (!pixel_rows) xf = xf.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
   const float* src = xf.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, xf.numel(), 1 << 15, [&](int64_t b, int64_t e) {
-    cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
-  });
+  if (xf.stride(3) == C) {  // dense: one flat pass
+    at::parallel_for(0, B * H * W * C, 1 << 15, [&](int64_t b, int64_t e) {
+      cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
+    });
+  } else {
+    at::parallel_for(0, B * H * W, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) cpu::quantize_u8(src + p * ps, C, inv, dst + p * C, isa);
+    });
+  }
   return out;
 }
 
