@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # column of the per-layer table -> the ceiling it is held to (``ceilings``)
-CEILING_OF = {"fp32": "fp32_fma", "tgpq_w8a8": "ukernel_w8", "tgpq_w8a8_gemm": "ukernel_w8", "tgpq_w4a8": "ukernel_w4",
-              "tgpq_w4a8_gemm": "ukernel_w4"}
+CEILING_OF = {"fp32": "fp32_fma", "tgpq_w8a8": "int8_w8", "tgpq_w8a8_gemm": "int8_w8", "tgpq_w4a8": "int8_w4",
+              "tgpq_w4a8_gemm": "int8_w4"}
 
 
 def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
@@ -30,20 +30,28 @@ def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def ceilings(seconds: float = 1.0) -> dict:
-    """GMAC/s ceilings on all threads (``torch.get_num_threads()``), for the serving ISA: the fp32 FMA
-    instruction's throughput (the most an fp32 conv can reach), tgpq's serving microkernels on L2-resident
-    operands (the most a tgpq layer can reach), and torch's fp32 ``mm`` (what a tuned fp32 GEMM reaches)."""
+def ceilings(seconds: float = 0.3, tries: int = 5, previous: dict | None = None) -> dict:
+    """GMAC/s on all threads (``torch.get_num_threads()``) for the serving ISA, the best of ``tries`` runs
+    (and of ``previous``: measure before and after the layers): ceilings, by construction above any layer,
+    ``fp32_fma`` (the FMA instruction's throughput: no fp32 conv computing every MAC exceeds it) and
+    ``int8_w8`` / ``int8_w4`` (the serving microkernels' multiply-accumulate instructions alone); and, for
+    reference, the serving microkernels on L2-resident operands (``kernel_w8`` / ``kernel_w4``) and torch's
+    fp32 ``mm`` 1024^3 (``torch_mm``)."""
     from tgpq.backends import cpu as cb
 
     isa, th = cb.ISA_IDS[cb.current_isa()], torch.get_num_threads()
     a = torch.randn(1024, 1024)
-    t = round_robin({"mm": lambda: a @ a}, 5)["mm"]
-    return {"isa": cb.current_isa(), "threads": th,
-            "fp32_fma": torch.ops.tgpq.cpu_fp32_peak(isa, seconds, th),
-            "ukernel_w8": torch.ops.tgpq.cpu_ukernel_peak(isa, 8, seconds, th),
-            "ukernel_w4": torch.ops.tgpq.cpu_ukernel_peak(isa, 4, seconds, th),
-            "torch_mm": 1024 ** 3 / t / 1e9}
+    probes = {"fp32_fma": lambda: torch.ops.tgpq.cpu_fp32_peak(isa, seconds, th),
+              "int8_w8": lambda: torch.ops.tgpq.cpu_int8_instruction_peak(isa, 8, seconds, th),
+              "int8_w4": lambda: torch.ops.tgpq.cpu_int8_instruction_peak(isa, 4, seconds, th),
+              "kernel_w8": lambda: torch.ops.tgpq.cpu_ukernel_peak(isa, 8, seconds, th),
+              "kernel_w4": lambda: torch.ops.tgpq.cpu_ukernel_peak(isa, 4, seconds, th),
+              "torch_mm": lambda: 1024 ** 3 / round_robin({"mm": lambda: a @ a}, 3)["mm"] / 1e9}
+    best = {k: (previous or {}).get(k, 0.0) for k in probes}
+    for _ in range(tries):
+        for k, f in probes.items():
+            best[k] = max(best[k], f())
+    return {"isa": cb.current_isa(), "threads": th, **best}
 
 
 def served(layer) -> str:

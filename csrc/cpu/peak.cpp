@@ -46,8 +46,54 @@ int64_t fma_loop_scalar(int64_t reps, float* sink) {
   float a[12];
   for (int i = 0; i < 12; ++i) a[i] = 1.0f + 1e-7f * i;
   for (int64_t r = 0; r < reps; ++r)
-    for (int i = 0; i < 12; ++i) a[i] = __builtin_fmaf(a[i], 0.999999f, 1e-7f);
+    for (int i = 0; i < 12; ++i) a[i] = a[i] * 0.999999f + 1e-7f;
   for (int i = 0; i < 12; ++i) *sink += a[i];
+  return reps * 12;
+}
+
+// The serving kernels' multiply-accumulate instructions, 12 independent chains, registers only.
+__attribute__((target("avx2"))) int64_t madd_loop_avx2_w8(int64_t reps, int32_t* sink) {
+  __m256i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i a = _mm256_set1_epi16(3), b = _mm256_set1_epi16(-5);
+  for (int64_t r = 0; r < reps; ++r)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(a, b));  // 16 MACs
+  __m256i s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_epi32(s, acc[i]);
+  *sink += _mm256_extract_epi32(s, 0);
+  return reps * 12 * 16;
+}
+
+__attribute__((target("avx2"))) int64_t maddubs_loop_avx2_w4(int64_t reps, int32_t* sink) {
+  __m256i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi16(static_cast<int16_t>(i));
+  const __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-5);
+  for (int64_t r = 0; r < reps; ++r)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(a, b));  // 32 MACs
+  __m256i s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_epi16(s, acc[i]);
+  *sink += _mm256_extract_epi16(s, 0);
+  return reps * 12 * 32;
+}
+
+__attribute__((target("avx512f,avx512vnni"))) int64_t dpbusd_loop_avx512(int64_t reps, int32_t* sink) {
+  __m512i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
+  for (int64_t r = 0; r < reps; ++r)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);  // 64 MACs
+  __m512i s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, acc[i]);
+  *sink += _mm512_reduce_add_epi32(s);
+  return reps * 12 * 64;
+}
+
+int64_t mac_loop_scalar(int64_t reps, int32_t* sink) {
+  int32_t acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = i;
+  for (int64_t r = 0; r < reps; ++r)
+    for (int i = 0; i < 12; ++i) acc[i] += static_cast<int32_t>(r & 127) * (i - 6);
+  for (int i = 0; i < 12; ++i) *sink += acc[i];
   return reps * 12;
 }
 
@@ -64,6 +110,19 @@ double fp32_fma_peak_gmacs(Isa isa, double seconds) {
   } while (elapsed(t0) < seconds);
   const double s = elapsed(t0);
   return sink == 12345.678f ? 0.0 : macs / s / 1e9;  // `sink` keeps the loops alive
+}
+
+double int8_instruction_peak_gmacs(Isa isa, int bits, double seconds) {
+  int32_t sink = 0;
+  int64_t macs = 0;
+  const auto t0 = Clock::now();
+  do {
+    macs += isa == Isa::kAvx512Vnni ? dpbusd_loop_avx512(1 << 16, &sink)
+            : isa == Isa::kAvx2      ? (bits == 8 ? madd_loop_avx2_w8(1 << 16, &sink) : maddubs_loop_avx2_w4(1 << 16, &sink))
+                                     : mac_loop_scalar(1 << 14, &sink);
+  } while (elapsed(t0) < seconds);
+  const double s = elapsed(t0);
+  return sink == 1234567 ? 0.0 : macs / s / 1e9;
 }
 
 double ukernel_peak_gmacs(Isa isa, int bits, double seconds) {
