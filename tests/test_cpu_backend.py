@@ -381,3 +381,22 @@ def test_a_channel_slice_is_quantized_in_place_like_its_copy():
         with cb.force_isa(isa):
             assert torch.equal(cb.quantize_nhwc(layer, branch),
                                cb.quantize_nhwc(layer, branch.contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("shape_fn", [
+    lambda x: x[:, :, None, None],                          # [M, K] as [M, K, 1, 1] (the linear's entry)
+    lambda x: x.t()[None, :, :, None],                      # [1, K, M, 1]: pixel rows along H
+    lambda x: x.t().contiguous()[None, :, :, None],         # [1, K, M, 1] channels-first: copied
+    lambda x: x[:1, :, None, None],                         # one pixel
+])
+def test_quantize_nhwc_reads_views_with_size_one_dimensions_correctly(shape_fn):
+    """Strides of size-1 dimensions do not describe the layout: every view equals its dense copy."""
+    gen = torch.Generator().manual_seed(15)
+    conv = torch.nn.Conv2d(48, 8, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
+    x = shape_fn(torch.randn(10, 48, generator=gen) * 2)
+    assert x.shape[1] == 48
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            assert torch.equal(cb.quantize_nhwc(layer, x),
+                               cb.quantize_nhwc(layer, x.clone(memory_format=torch.contiguous_format)))

@@ -119,6 +119,23 @@ struct ConvExtras {
   }
 };
 
+// The distance between consecutive pixels' channel vectors when x [B, C, H, W] stores every pixel's C values
+// contiguously at a uniform pixel stride >= C (channels_last, or a channel slice of it); -1 otherwise. Strides
+// of size-1 dimensions say nothing about the layout and are not read.
+int64_t pixel_stride(const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  if (C > 1 && x.stride(1) != 1) return -1;
+  int64_t ps = -1, span = 1;  // span: pixels covered by the dimensions checked so far
+  for (int d : {3, 2, 0}) {
+    if (x.size(d) == 1) continue;
+    if (ps < 0) ps = x.stride(d);
+    if (x.stride(d) != ps * span) return -1;
+    span *= x.size(d);
+  }
+  if (ps < 0) return C;  // a single pixel
+  return ps >= C ? ps : -1;
+}
+
 at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index,
                              int64_t isa_id) {
   check_cpu_float_input(x);
@@ -129,13 +146,15 @@ at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, 
   // float32 channels_last, or a channel slice of it (a split conv's branch of a concatenation): pixel p's C
   // values are contiguous at p * ps and are read in place; anything else is brought to channels_last first.
   auto xf = x.to(at::kFloat);
-  const int64_t ps = xf.stride(3);
-  const bool pixel_rows = xf.stride(1) == 1 && ps >= C && xf.stride(2) == ps * W && xf.stride(0) == ps * W * H;
-  if (!pixel_rows) xf = xf.contiguous(at::MemoryFormat::ChannelsLast);
+  int64_t ps = pixel_stride(xf);
+  if (ps < 0) {
+    xf = xf.contiguous(at::MemoryFormat::ChannelsLast);
+    ps = C;
+  }
   auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
   const float* src = xf.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  if (xf.stride(3) == C) {  // dense: one flat pass
+  if (ps == C) {  // dense: one flat pass
     at::parallel_for(0, B * H * W * C, 1 << 15, [&](int64_t b, int64_t e) {
       cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
     });
