@@ -74,8 +74,8 @@ def quantize(model, config: QuantConfig | None = None, *, prompts=None, negative
       ``pooled_prompt_embeds=``), negatives likewise; ``guidance_scale`` > 1 calibrates on the
       classifier-free-guidance batch the pipeline builds. Trajectory ``j`` takes prompt ``j % K``.
     * ``num_inference_steps``, ``num_trajectories``, ``interval`` (keep every ``interval``-th UNet call of a
-      run; default about 20 kept calls), ``num_val_trajectories`` (default: enough for 8 validation samples
-      in every timestep group, ``collect_from_pipeline``), ``seed``, ``batch_size`` (trajectories per
+      run; default about 20 kept calls), ``num_val_trajectories`` (default: for gac, enough for 8 validation
+      samples in every timestep group, ``collect_from_pipeline``; none for rtn / uniform), ``seed``, ``batch_size`` (trajectories per
       pipeline call); ``**pipeline_kwargs`` go to every pipeline call (``height``, ``width``, ...).
     * ``backend``, ``inplace`` (convert the UNet in place and put it into ``model``; saves the memory of a
       copy), ``checkpoint_path`` (resume a calibration, ``tgpq.calibrate``), ``progress``.
@@ -105,6 +105,8 @@ def quantize(model, config: QuantConfig | None = None, *, prompts=None, negative
                         f"got {type(model).__name__}")
     if getattr(unet, "tgpq_router", None) is not None:
         raise ValueError("this UNet is already quantized")
+    if num_val_trajectories is None and config.method != "gac":
+        num_val_trajectories = 0  # only gac reads a validation set
     calib = collect_from_pipeline(
         runner, num_trajectories, num_inference_steps, interval=interval, guidance_scale=guidance_scale,
         prompts=prompts, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,

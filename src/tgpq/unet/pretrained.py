@@ -187,7 +187,8 @@ def _load_unet_folder(folder: Path, backend: str, device) -> torch.nn.Module:
     return build_quantized(meta, tensors, str(weights), None, backend, device)
 
 
-def _check_pipeline_index(index_path: Path, index: dict) -> type:
+def check_pipeline_index(index_path: Path, index: dict) -> type:
+    """The diffusers pipeline class a ``model_index.json`` names; refuses custom code and foreign libraries."""
     import diffusers
 
     name = index.get("_class_name")
@@ -219,7 +220,7 @@ def from_pretrained(folder: str | os.PathLike, backend: str = "auto", device: st
             raise ValueError(f"{folder}: not a diffusers folder (no {PIPELINE_INDEX} or {CONFIG_NAME})")
         return _load_unet_folder(folder, backend, device)
     index = _read_json(index_path)
-    cls = _check_pipeline_index(index_path, index)
+    cls = check_pipeline_index(index_path, index)
     unet = _load_unet_folder(folder / "unet", backend, device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -230,4 +231,30 @@ def from_pretrained(folder: str | os.PathLike, backend: str = "auto", device: st
     return pipe.to(device)
 
 
-__all__ = ["save_pretrained", "from_pretrained", "check_output_folder", "QUANT_METHOD", "WEIGHTS_NAME"]
+def load_float_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A float diffusers pipeline (``model_index.json``) or UNet (``config.json``) saved the diffusers way, loaded
+    from safetensors only; a folder already quantized by tgpq is refused (quantize its float original)."""
+    from .loading import load_unet
+
+    folder = Path(os.fspath(folder))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    index_path = folder / PIPELINE_INDEX
+    unet_cfg = (folder / "unet" / CONFIG_NAME) if index_path.is_file() else (folder / CONFIG_NAME)
+    if not unet_cfg.is_file():
+        raise ValueError(f"{folder}: not a diffusers pipeline or UNet folder (no {PIPELINE_INDEX} or {CONFIG_NAME})")
+    if "quantization_config" in _read_json(unet_cfg):
+        raise ValueError(f"{unet_cfg}: this model is already quantized; quantize its float original")
+    if not index_path.is_file():
+        return load_unet(str(folder), device=str(device))
+    cls = check_pipeline_index(index_path, _read_json(index_path))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        pipe = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except Exception as e:  # diffusers / transformers raise many types for a broken component
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{folder}: diffusers could not load the pipeline ({msg})") from None
+    return pipe.to(device)
+
+
+__all__ = ["save_pretrained", "from_pretrained", "check_output_folder", "load_float_folder", "from_pretrained", "check_output_folder", "QUANT_METHOD", "WEIGHTS_NAME"]
