@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-TEXT_LEN = 8  # tokenizer model_max_length = the text encoders' positions
+TEXT_LEN = 16  # tokenizer model_max_length = the text encoders' positions (one token a character)
 TEXT_DIM = 16
 LATENT = 8  # latent side; images are LATENT * 2 (the VAE downsamples once)
 
@@ -78,7 +78,7 @@ def make_sd_pipeline(tmp: Path, scheduler=None, seed: int = 0):
     unet = UNet2DConditionModel(**sd_unet_config()).eval()
     text = CLIPTextModel(_text_config(len(tok))).eval()
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=scheduler or DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   scheduler=scheduler or DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
