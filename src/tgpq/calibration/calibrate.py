@@ -38,7 +38,7 @@ from ..recipe import LayerQState, QuantConfig, QuantState, WeightsFingerprint
 from .blocks import ReconUnit, check_convertible, find_units
 from .capture import ActRangeStats, UnitData, capture_unit, main_output
 from .checkpoint import CalibrationCheckpoint
-from .collect import CalibrationSet
+from .collect import CalibrationSet, condition_kwargs, condition_rows
 from .fake_quant import GroupContext, QuantLayer, replace_submodule
 from .gac import learn_sample_logits, weights_from_logits
 from .reconstruct import block_output_mse, reconstruct_block, set_weight_mode
@@ -75,8 +75,8 @@ def _group_table(calib: CalibrationSet, config: QuantConfig) -> tuple[torch.Tens
 
 def _sample_fn(x, t, cond, cond_kind, device, dtype):
     def fn(idx):
-        kw = {} if cond is None else {cond_kind: cond[idx].to(device)}
-        return x[idx].to(device, dtype), t[idx].to(device), kw
+        return x[idx].to(device, dtype), t[idx].to(device), condition_kwargs(condition_rows(cond, idx, device, dtype),
+                                                                             cond_kind)
     return fn
 
 
@@ -190,7 +190,7 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     was_training = unet.training
     unet.eval()
     probe = (calib.x[:1].to(device, dtype), calib.t[:1].to(device),
-             calib.cond_kwargs(None if calib.cond is None else calib.cond[:1].to(device)))
+             calib.cond_kwargs(condition_rows(calib.cond, slice(0, 1), device, dtype)))
     units = find_units(unet, config.exclude, probe)
     modules = dict(unet.named_modules())
 

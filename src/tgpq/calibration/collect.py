@@ -12,11 +12,36 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..nn.routing import timestep_index
 
-COND_KINDS = ("class_labels", "encoder_hidden_states")
+#: ``"kwargs"``: the condition is a dict of UNet keyword arguments (a pytree of per-sample tensors), e.g.
+#: SDXL's ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}``.
+COND_KINDS = ("class_labels", "encoder_hidden_states", "kwargs")
+
+
+def condition_rows(cond, idx, device=None, dtype=None):
+    """Rows ``idx`` of a condition (a tensor or a pytree of tensors whose first dimension is the sample),
+    moved to ``device``; floating tensors cast to ``dtype`` when given. None stays None."""
+    if cond is None:
+        return None
+
+    def rows(c):
+        c = c[idx]
+        return c.to(device=device, dtype=dtype if (dtype is not None and c.is_floating_point()) else None)
+
+    return pytree.tree_map(rows, cond)
+
+
+def condition_kwargs(cond, cond_kind: str | None) -> dict:
+    """The UNet keyword arguments that pass ``cond`` (rows of a ``CalibrationSet`` condition)."""
+    if cond is None or cond_kind is None:
+        return {}
+    if cond_kind == "kwargs":
+        return dict(cond)
+    return {cond_kind: cond}
 
 
 @dataclass
@@ -28,7 +53,10 @@ class CalibrationSet:
     * ``x``: float32 ``[N, C, H, W]``, the noisy samples ``x_t`` fed to the UNet.
     * ``t``: int64 ``[N]``, the timestep of each sample (``0 <= t < num_train_timesteps``).
     * ``cond``: the condition of each sample or None: int64 ``[N]`` class labels when
-      ``cond_kind == "class_labels"``, float ``[N, L, D]`` when ``cond_kind == "encoder_hidden_states"``.
+      ``cond_kind == "class_labels"``, float ``[N, L, D]`` when ``cond_kind == "encoder_hidden_states"``,
+      and when ``cond_kind == "kwargs"`` a dict of UNet keyword arguments whose values are tensors or
+      dicts of tensors, every tensor with the sample as its first dimension (``[N, ...]``), e.g.
+      ``{"encoder_hidden_states": [N, L, D], "added_cond_kwargs": {"text_embeds": [N, P], "time_ids": [N, 6]}}``.
     * ``val_x`` float32 ``[M, C, H, W]``, ``val_t`` int64 ``[M]``, ``val_cond`` (like ``cond``):
       the validation set, from seeds disjoint from the training trajectories, with the same
       count of samples at every kept timestep.
@@ -50,10 +78,19 @@ class CalibrationSet:
         return int(self.x.shape[0])
 
     def cond_kwargs(self, cond: torch.Tensor | None) -> dict:
-        """The keyword arguments that pass ``cond`` (a slice of ``cond``/``val_cond``) to the UNet."""
-        if cond is None or self.cond_kind is None:
-            return {}
-        return {self.cond_kind: cond}
+        """The keyword arguments that pass ``cond`` (rows of ``cond``/``val_cond``) to the UNet."""
+        return condition_kwargs(cond, self.cond_kind)
+
+
+def scheduler_model_output(scheduler, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """What ``scheduler.step`` takes from a UNet output: a learned-variance UNet (``2 * C`` output channels for a
+    ``C``-channel sample) gives its epsilon half ``[:, :C]``, unless the scheduler learns the variance itself
+    (``variance_type`` ``"learned"`` / ``"learned_range"``, e.g. DDPM), which takes the whole output."""
+    c = sample.shape[1]
+    learned = getattr(scheduler, "config", {}).get("variance_type") in ("learned", "learned_range")
+    if model_output.shape[1] == 2 * c and not learned:
+        return model_output[:, :c]
+    return model_output
 
 
 def _seeded_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
@@ -104,7 +141,7 @@ def _run_trajectories(unet, scheduler, noise, cond, cond_kind, num_steps, interv
                 if c is not None:
                     cs.append(c.to(storage_device))
             eps = unet(model_in.to(dtype), t, **kw, return_dict=False)[0]
-            x = sched.step(eps.float(), t, x).prev_sample
+            x = sched.step(scheduler_model_output(sched, eps, x).float(), t, x).prev_sample
             bar.update(1)
     bar.close()
     kept = torch.tensor([int(timestep_index(timesteps[i])) for i in keep], dtype=torch.int64)
