@@ -186,8 +186,9 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
 def build_quantized(meta: dict, tensors: dict, path: str, unet_config: dict | None = None, backend: str = "auto",
                     device: str | torch.device = "cpu") -> torch.nn.Module:
     """The converted model described by a checked file's ``meta`` and ``tensors`` (from ``_read``); errors name
-    ``path``. The model is built on the meta device and takes the file's tensors (cast to the dtypes the config
-    builds), so loading never allocates the float weights of the quantized layers."""
+    ``path``. The model is built on the meta device and takes the file's tensors (floating ones in the file's
+    dtype, others cast to the dtypes the config builds), so loading never allocates the float weights of the
+    quantized layers."""
     cfg = QuantConfig.from_dict(meta["quant_config"])
     import diffusers
 
@@ -224,7 +225,9 @@ def build_quantized(meta: dict, tensors: dict, path: str, unet_config: dict | No
             f"{path}: does not match the UNet config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shapes {wrong[:5]}"
         )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True, assign=True)
+    # floating tensors keep the file's dtype (a bfloat16 UNet's float layers stay bfloat16), others the model's
+    model.load_state_dict({k: v if v.is_floating_point() and own[k].is_floating_point() else v.to(own[k].dtype)
+                           for k, v in tensors.items()}, strict=True, assign=True)
     for m in model.modules():
         if isinstance(m, (QLinear, QConv2d)):  # their one tensor outside the state dict
             m._own_group_index = torch.zeros(1, dtype=torch.int64)
