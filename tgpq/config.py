@@ -27,11 +27,36 @@ class QuantConfig:
     Calibration (section 1 of DESIGN.md). Paper defaults are marked "paper"; everything else is
     "our choice" because the paper (as read from summaries) is silent:
       * ``num_groups`` = 5 contiguous timestep groups ("tasks"): paper.
-      * ``tau`` = 1.0 softmax temperature of the sample weights: paper.
-      * ``val_fraction`` = 0.05 validation set size relative to the training set: paper.
-      * ``gm_lambda`` = 1.0 gradient-matching weight: paper ("as written").
-      * ``iters``, ``lr_*`` (``lr_adaround`` 3e-2 instead of BRECQ's 1e-3, see below), ``lookahead_eta``, ``weight_update_every``, ``weight_steps``,
+      * ``tau`` = 1.0 softmax temperature of the sample weights ``w = softmax(s / tau)`` over the
+        whole training set (the whole set, not the mini-batch: our choice): paper.
+      * ``val_fraction`` = 0.05 validation set size relative to the training set: paper. It is
+        ``collect_calibration``'s default too, which also draws at least 8 validation samples per
+        timestep group (``min_val_per_group``, our choice; e.g. 2 trajectories = 40 samples for 16
+        trajectories of 100 steps): with 2 per group the learned weights were noise.
+      * ``gm_lambda`` = 1.0 weight of the gradient-matching term: paper ("as written"); our term is
+        the mean cosine of the groups' logit-space gradients (``tgpq.calibration.gac``), not the
+        paper's inner product on ``w``, which vanishes like eta^2. 0 = the ablation without it.
+      * ``iters``, ``lr_*`` (``lr_adaround`` 3e-2 instead of BRECQ's 1e-3, see below),
         ``batch_size``, ``adaround_*``: our choice (small defaults so a CPU run is minutes).
+
+    gac, our choices (the paper gives none of these; ``tgpq/calibration/gac.py`` has the equations):
+      * look-ahead ``theta*``: one step of the reconstruction's own optimiser (Adam, its current
+        moments, the full-set weighted gradient ``g(w)`` as the step's gradient), with a step size per
+        parameter kind: ``lookahead_lr_alpha`` for AdaRound ``alpha`` (None = ``lr_adaround``) and
+        ``lookahead_lr_act`` for the activation step sizes (default 0: the weights are refreshed
+        during the AdaRound phase, where reconstruction keeps the step sizes fixed; ``lr_act_scale``
+        puts them in). On the reference model ``L_t(theta*) / L_t(theta) <= 1.5`` on every block
+        (tests/test_gac_reference.py); one plain SGD step of 1e-2 on both kinds gave 100-3,600x.
+      * the weights' gradient ``G_t = dL_t(theta*)/dw`` is taken to first order in the step
+        (validation gradients at ``theta``), from per-sample gradients (``torch.func.vmap``).
+      * logit update: ``weight_steps`` (1) exponentiated-gradient steps per refresh, normalised to an
+        RMS of ``lr_sample_logits`` (0.5) over the samples, each log-weight moving at most 3x that.
+      * refreshes: every ``weight_update_every`` AdaRound iterations (None = ``max(1, iters // 4)``:
+        at 25 %, 50 % and 75 % of the phase), on the whole training and validation sets; weights held
+        fixed in between and during the step-size phase; none at iteration 0, where the soft weights
+        still equal the float weights and Adam has no moments.
+      * ``weights_carry_over`` (False): every block starts from uniform weights (carrying the logits
+        over would add every earlier block's steps to the next block's).
     """
 
     weight_bits: int = 8
@@ -50,7 +75,7 @@ class QuantConfig:
     # worse than RTN in our tests, 3e-2 lowered every block below RTN (tests/test_calibration.py)
     lr_adaround: float = 3e-2
     lr_act_scale: float = 4e-5  # Q-Diffusion default for LSQ step sizes
-    learn_act_scale: bool = True  # our choice: step sizes are part of theta for the look-ahead
+    learn_act_scale: bool = True  # our choice: LSQ step-size phase after the rounding
     adaround_reg_weight: float = 0.01  # BRECQ default
     adaround_beta: tuple = (20.0, 2.0)  # BRECQ default annealing range
     adaround_warmup: float = 0.2  # BRECQ default
@@ -58,10 +83,12 @@ class QuantConfig:
     tau: float = 1.0  # paper
     val_fraction: float = 0.05  # paper
     gm_lambda: float = 1.0  # paper
-    lookahead_eta: float = 1e-2  # our choice
-    lr_sample_logits: float = 1e-1  # our choice (Adam on the logits s)
-    weight_steps: int = 10  # our choice: logit updates before each block
-    weights_carry_over: bool = True  # our choice: s carries over from block to block
+    lookahead_lr_alpha: float | None = None  # our choice: look-ahead step on alpha; None = lr_adaround
+    lookahead_lr_act: float = 0.0  # our choice: look-ahead step on act step sizes; 0 = left out
+    lr_sample_logits: float = 0.5  # our choice: RMS of one normalised logit step
+    weight_steps: int = 1  # our choice: logit steps per refresh
+    weight_update_every: int | None = None  # our choice: AdaRound iterations per refresh; None = iters // 4
+    weights_carry_over: bool = False  # our choice: every block starts from uniform weights
     # Where a block's reconstruction inputs come from: "quantized" (the model with every earlier block
     # already quantized, so a block learns to correct the error it receives; BRECQ's / Q-Diffusion's
     # asymmetric reconstruction) or "fp" (the float model). Targets are FP outputs either way. Our
@@ -91,8 +118,24 @@ class QuantConfig:
             )
         if self.block_inputs not in ("fp", "quantized"):
             raise ValueError(f"block_inputs={self.block_inputs!r} is unknown: choose 'fp' or 'quantized'")
-        if self.tau <= 0:
+        if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not self.gm_lambda >= 0:
+            raise ValueError(f"gm_lambda={self.gm_lambda} must be >= 0 (0 switches the matching term off)")
+        if self.lookahead_lr_alpha is not None and not self.lookahead_lr_alpha > 0:
+            raise ValueError(f"lookahead_lr_alpha={self.lookahead_lr_alpha} must be positive (or None: lr_adaround)")
+        if not self.lookahead_lr_act >= 0:
+            raise ValueError(f"lookahead_lr_act={self.lookahead_lr_act} must be >= 0 (0 leaves step sizes out)")
+        if not self.lr_sample_logits >= 0:
+            raise ValueError(f"lr_sample_logits={self.lr_sample_logits} must be >= 0")
+        if not (isinstance(self.weight_steps, int) and self.weight_steps >= 0):
+            raise ValueError(f"weight_steps={self.weight_steps!r} must be an integer >= 0")
+        if self.weight_update_every is not None and not (
+                isinstance(self.weight_update_every, int) and self.weight_update_every >= 1):
+            raise ValueError(f"weight_update_every={self.weight_update_every!r} must be an integer >= 1 "
+                             f"(or None: iters // 4)")
         self.exclude = tuple(self.exclude)
         self.adaround_beta = tuple(self.adaround_beta)
 
