@@ -10,14 +10,17 @@ For every reconstruction unit (``blocks.find_units``), in the UNet's execution o
    ``"fp"``: inputs from the float model, blocks independent. Both resume block by block;
 2. wrap the unit's layers in ``QuantLayer`` (weight scale: MSE clipping search; act step per group
    from the EMA range) and measure the block output MSE with round-to-nearest: ``block_mse["rtn"]``;
-3. ``rtn`` stops here. ``uniform`` / ``gac``: (gac only) ``weight_steps`` look-ahead updates of the
-   sample logits (``gac.learn_sample_logits``), then reconstruction with the weights
-   ``w = softmax(s / tau)`` held fixed (``reconstruct.reconstruct_block``) and AdaRound's hard
-   rounding: ``block_mse["final"]``. ``uniform`` is exactly this with ``s`` frozen at zero.
+3. ``rtn`` stops here. ``uniform`` / ``gac``: reconstruction (``reconstruct.reconstruct_block``) with
+   the weights ``w = softmax(s / tau)``, then AdaRound's hard rounding: ``block_mse["final"]``. For gac
+   a ``gac.SampleWeighter`` refreshes ``s`` every ``weight_update_every`` AdaRound iterations from
+   the block's current rounding (the validation set's inputs are recorded too); its per-refresh
+   records go to ``qstate.meta["gac"][block]`` and the final weights to ``qstate.sample_weights``.
+   ``uniform`` is exactly this path with ``s`` frozen at zero (same mini-batches: the refreshes draw
+   no random numbers).
 
 The time-embedding MLP, ``conv_in`` and ``conv_out`` stay in float by default (``config.exclude``).
-Sample logits carry over from block to block when ``config.weights_carry_over`` (default);
-Adam's state for the logits restarts at every block (our choice; it keeps resuming exact).
+Every block starts from uniform weights unless ``config.weights_carry_over`` (then the logits of
+the previous block are the start).
 """
 from __future__ import annotations
 
