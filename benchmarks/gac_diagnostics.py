@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None, help="QuantConfig.iters (default: QuantConfig's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gm0-bits", nargs="*", default=["W4A8"],
-                   help="bit widths for which gac with gm_lambda = 0 is also run per seed (its weights' seed correlation)")
+                   help="bit widths for which gac with gm_lambda = 0 is also run per seed (seed correlation)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 trajectories x 10 steps, 4 iterations")
     p.add_argument("--out", default=str(HERE / "results" / "gac_diagnostics"))
     p.add_argument("--cache", default=str(HERE.parent / "runs" / "gac_diagnostics"),

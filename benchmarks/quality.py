@@ -587,7 +587,8 @@ def run(a: argparse.Namespace, argv: list[str], ranks: Ranks) -> dict | None:
             if bits is None:
                 fp_images = images
             continue
-        row = {"name": name, "bits": bits, "method": method, "calib_seed": seed, "weight_bytes": tgpq.weight_bytes(model),
+        row = {"name": name, "bits": bits, "method": method, "calib_seed": seed,
+               "weight_bytes": tgpq.weight_bytes(model),
                "sample_seconds_rank0": sample_s,
                **(stats.get((bits, method, seed), {}) if bits is not None else {"calib_seconds": None})}
         row.update(metrics(images, fp_images))
@@ -611,7 +612,8 @@ def run(a: argparse.Namespace, argv: list[str], ranks: Ranks) -> dict | None:
         "images": a.images, "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed,
         "calibration": calibration, "calib_seeds": a.calib_seeds, "bits": a.bits, "methods": a.methods,
         "eps_images": min(a.eps_images, a.images), "timestep_groups": table.tolist(),
-        "backend": backend_name(a.backend, ranks.device), "device": device_name(ranks.device), "world_size": ranks.world,
+        "backend": backend_name(a.backend, ranks.device), "device": device_name(ranks.device),
+        "world_size": ranks.world,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "git_commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([launcher, "benchmarks/quality.py", shlex.join(argv)]).strip(),

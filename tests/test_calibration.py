@@ -97,7 +97,7 @@ def test_validation_trajectories_give_8_per_group():
     assert validation_trajectories(16, 0.0, kept, 5, 8) == 0
 
 
-def test_gac_without_weight_steps_is_uniform(unet, calib):
+def test_gac_with_zero_logit_steps_is_uniform(unet, calib):
     """gac and uniform share one code path: with lr_sample_logits = 0 the weights stay uniform and gac's
     refreshes draw nothing from the mini-batch generator, so the result is uniform's, bit for bit."""
     u = calibrate(unet, calib, _cfg("uniform", iters=8), progress=False)

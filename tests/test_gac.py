@@ -11,8 +11,8 @@ import torch
 from tgpq import QuantConfig, numerics
 from tgpq.calibration.capture import UnitData
 from tgpq.calibration.fake_quant import GroupContext, QuantLayer
-from tgpq.calibration.gac import (gradient_matching, group_grads, influence, logit_space_grads,
-                                  lookahead, mirror_step, outer_terms, per_sample_grads, per_sample_losses, per_sample_sq_error,
+from tgpq.calibration.gac import (gradient_matching, group_grads, influence, logit_space_grads, lookahead,
+                                  mirror_step, outer_terms, per_sample_grads, per_sample_losses, per_sample_sq_error,
                                   theta_of, weights_from_logits)
 
 G = 3
@@ -265,7 +265,7 @@ def test_per_sample_sq_error():
 
 @pytest.mark.parametrize("field,value,match", [
     ("lookahead_lr_alpha", 0.0, "lookahead_lr_alpha"), ("lookahead_lr_act", -1e-5, "lookahead_lr_act"),
-    ("lr_sample_logits", -0.1, "lr_sample_logits"), ("weight_steps", -1, "weight_steps"),
+    ("lr_sample_logits", -0.1, "lr_sample_logits"), ("weight_steps", 0, "weight_steps"),
     ("weight_update_every", 0, "weight_update_every"), ("gm_lambda", -1.0, "gm_lambda"),
     ("val_fraction", 1.0, "val_fraction"), ("tau", 0.0, "tau")])
 def test_config_rejects_bad_gac_fields(field, value, match):

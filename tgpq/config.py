@@ -49,8 +49,9 @@ class QuantConfig:
         (tests/test_gac_reference.py); one plain SGD step of 1e-2 on both kinds gave 100-3,600x.
       * the weights' gradient ``G_t = dL_t(theta*)/dw`` is taken to first order in the step
         (validation gradients at ``theta``), from per-sample gradients (``torch.func.vmap``).
-      * logit update: ``weight_steps`` (1) exponentiated-gradient steps per refresh, normalised to an
-        RMS of ``lr_sample_logits`` (0.5) over the samples, each log-weight moving at most 3x that.
+      * logit update: one exponentiated-gradient step per refresh, normalised to an RMS of
+        ``lr_sample_logits`` (0.5) over the samples and clipped at 3x that, taken in ``weight_steps``
+        (1) equal sub-steps.
       * refreshes: every ``weight_update_every`` AdaRound iterations (None = ``max(1, iters // 4)``:
         at 25 %, 50 % and 75 % of the phase), on the whole training and validation sets; weights held
         fixed in between and during the step-size phase; none at iteration 0, where the soft weights
@@ -85,8 +86,8 @@ class QuantConfig:
     gm_lambda: float = 1.0  # paper
     lookahead_lr_alpha: float | None = None  # our choice: look-ahead step on alpha; None = lr_adaround
     lookahead_lr_act: float = 0.0  # our choice: look-ahead step on act step sizes; 0 = left out
-    lr_sample_logits: float = 0.5  # our choice: RMS of one normalised logit step
-    weight_steps: int = 1  # our choice: logit steps per refresh
+    lr_sample_logits: float = 0.5  # our choice: RMS change of the log-weights per refresh
+    weight_steps: int = 1  # our choice: sub-steps of each refresh's logit update
     weight_update_every: int | None = None  # our choice: AdaRound iterations per refresh; None = iters // 4
     weights_carry_over: bool = False  # our choice: every block starts from uniform weights
     # Where a block's reconstruction inputs come from: "quantized" (the model with every earlier block
@@ -130,8 +131,8 @@ class QuantConfig:
             raise ValueError(f"lookahead_lr_act={self.lookahead_lr_act} must be >= 0 (0 leaves step sizes out)")
         if not self.lr_sample_logits >= 0:
             raise ValueError(f"lr_sample_logits={self.lr_sample_logits} must be >= 0")
-        if not (isinstance(self.weight_steps, int) and self.weight_steps >= 0):
-            raise ValueError(f"weight_steps={self.weight_steps!r} must be an integer >= 0")
+        if not (isinstance(self.weight_steps, int) and self.weight_steps >= 1):
+            raise ValueError(f"weight_steps={self.weight_steps!r} must be an integer >= 1")
         if self.weight_update_every is not None and not (
                 isinstance(self.weight_update_every, int) and self.weight_update_every >= 1):
             raise ValueError(f"weight_update_every={self.weight_update_every!r} must be an integer >= 1 "

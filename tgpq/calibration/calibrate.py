@@ -309,7 +309,8 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
                                   refresh=weighter, refresh_every=weighter.every if weighter is not None else 1)
                 if weighter is not None:
                     logits = weighter.logits
-                    sample_w = {"timesteps": calib.t.clone().to(torch.int64), "weights": weighter.weights.float().clone()}
+                    sample_w = {"timesteps": calib.t.clone().to(torch.int64),
+                                "weights": weighter.weights.float().clone()}
                     gac_record[unit.name] = weighter.records
                 mse["final"] = block_output_mse(block, ctx, train, groups, 4 * bs, device)
             layers = _layer_states(unit, block)

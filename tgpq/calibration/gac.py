@@ -65,15 +65,17 @@ descent) step on the simplex, normalised and clipped,
 
     Delta = dF/dw - <w, dF/dw>,        s <- s - lr_s * clip(Delta / rms(Delta), -3, 3),
 
-so a step moves the log-weights by ``lr_s`` (``config.lr_sample_logits``) in RMS whatever the
-gradient's scale (Adam on gradients of ~1e-7 with eps 1e-8 took sign-noise steps before), and no
-log-weight by more than ``3 lr_s``. ``dF/ds = (w / tau) * Delta``: the natural-gradient direction.
+so a refresh moves the log-weights by ``lr_s`` (``config.lr_sample_logits``) in RMS whatever the
+gradient's scale (Adam on gradients of ~1e-7 with eps 1e-8 took sign-noise steps before), in
+``config.weight_steps`` sub-steps of ``lr_s / weight_steps`` (``G`` fixed, the ``w``-dependent
+parts recomputed), and no log-weight by more than ``3 lr_s``. ``dF/ds = (w / tau) * Delta``: the
+natural-gradient direction.
 
 **Refreshes** (``SampleWeighter``, called by ``reconstruct.reconstruct_block``): every
 ``weight_update_every`` AdaRound iterations (default ``iters // 4``: at 25, 50 and 75 % of the
 phase; none at iteration 0, where the soft weights still equal the float weights), ``G`` is
-measured at the current ``theta`` on the whole training and validation sets and ``weight_steps``
-logit steps are taken; the weights are held fixed in between and during the step-size phase.
+measured at the current ``theta`` on the whole training and validation sets and the logits take
+one (normalised) step; the weights are held fixed in between and during the step-size phase.
 Cost per refresh: per-sample gradients of the ``N`` training samples (about 1.5-2.5 reconstruction
 passes over them) plus one pass over the validation set; memory ``N x (alpha count) x 4`` bytes.
 """
@@ -318,7 +320,7 @@ def lookahead_steps(theta: dict, config) -> dict:
 def refresh_sample_logits(block, ctx, train, groups: torch.Tensor, val, val_groups: torch.Tensor,
                           logits: torch.Tensor, config, main_output, device=None,
                           adam_steps: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """One refresh: measure ``G`` at the block's current ``theta``, then ``config.weight_steps`` logit steps.
+    """One refresh: measure ``G`` at the block's current ``theta``, then ``config.weight_steps`` logit sub-steps.
 
     ``block``'s QuantLayers must be in soft mode. Uses every training and validation sample.
     Returns the new logits ``[N]`` and a record: per group ``val_loss`` (at ``theta``),
@@ -350,7 +352,8 @@ def refresh_sample_logits(block, ctx, train, groups: torch.Tensor, val, val_grou
             rec = {"groups": present, "val_loss": L.tolist(), "val_loss_star": L_star.tolist(),
                    "val_loss_ratio": (L_star / L.clamp_min(1e-30)).tolist(),
                    "grad_norm_val": nv, "grad_norm_gm": ng, "gm": terms.gm, "sigma": terms.sigma}
-        s = mirror_step(s, terms.delta_val + terms.delta_gm, config.lr_sample_logits, LOGIT_CLIP)
+        s = mirror_step(s, terms.delta_val + terms.delta_gm, config.lr_sample_logits / config.weight_steps,
+                        LOGIT_CLIP)
     if not bool(torch.isfinite(s).all()):
         raise FloatingPointError("non-finite sample logits after a gac refresh")
     if rec is None:
@@ -385,7 +388,8 @@ class SampleWeighter:
     def __init__(self, block, ctx, train, groups, val, val_groups, logits: torch.Tensor, config, main_output,
                  device=None):
         self.block, self.ctx, self.train, self.groups = block, ctx, train, groups
-        self.val, self.val_groups, self.config, self.main_output, self.device = val, val_groups, config, main_output, device
+        self.val, self.val_groups, self.config = val, val_groups, config
+        self.main_output, self.device = main_output, device
         self.logits = logits.detach().clone().float()
         self.records: list = []
         self.every = update_every(config)
