@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import torch
 
-#: The published Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json).
-SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_TEXT = (77, 768)
+from tgpq.eval.bench.models import SD15_TEXT_SHAPE as SD15_TEXT, SD15_UNET_CONFIG  # noqa: F401 (bench_cpu)
 
 
 def pt2e_model(unet, example):

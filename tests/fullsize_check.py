@@ -20,27 +20,12 @@ import time
 
 import torch
 
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-#: stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2,567,463,684 parameters)
-SDXL = dict(
-    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
+from tgpq.eval.bench.models import SD15_PARAMS, SD15_UNET_CONFIG, SDXL_PARAMS, SDXL_UNET_CONFIG
+
 MODELS = {
     # name: (config, parameters, dtype, latent side, text length, text width)
-    "sd15": (SD15, 859_520_964, torch.float32, 16, 77, 768),
-    "sdxl": (SDXL, 2_567_463_684, torch.bfloat16, 16, 77, 2048),
+    "sd15": (SD15_UNET_CONFIG, SD15_PARAMS, torch.float32, 16, 77, 768),
+    "sdxl": (SDXL_UNET_CONFIG, SDXL_PARAMS, torch.bfloat16, 16, 77, 2048),
 }
 
 

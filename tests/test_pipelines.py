@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import tgpq
-from tgpq.calibration.pipeline_collect import collect_from_pipeline, needed_val_trajectories
+from tgpq.calibration.collect import validation_trajectories
+from tgpq.calibration.pipeline_collect import collect_from_pipeline
 from tgpq.nn import timestep_index
 from tiny_pipelines import LATENT, TEXT_DIM, TEXT_LEN, make_sd_pipeline, make_sdxl_pipeline
 
@@ -120,7 +121,8 @@ def test_validation_set_is_sized_for_the_timestep_groups(tmp_path):
     calib = collect_from_pipeline(pipe, 2, 10, interval=1, guidance_scale=3.0, prompts=PROMPTS, batch_size=4,
                                   progress=False)
     # 10 kept timesteps in 5 groups of 2, 2 rows (CFG) each: 4 samples a trajectory and group -> 2 trajectories
-    assert needed_val_trajectories(10, 2, 5, 8) == 2
+    assert validation_trajectories(2, 0.05, calib.kept_timesteps, 5, 8, rows_per_call=2) == 2
+    assert validation_trajectories(2, 0.05, calib.kept_timesteps, 5, 9, rows_per_call=2) == 3
     assert len(calib.val_x) == 2 * 10 * 2
     from tgpq.nn.routing import group_of, timestep_groups_from_calibration
 

@@ -154,17 +154,21 @@ def default_interval(num_steps: int) -> int:
 
 
 def validation_trajectories(num_trajectories: int, val_fraction: float, kept_timesteps: torch.Tensor,
-                            num_groups: int, min_val_per_group: int, num_train_timesteps: int = 1000) -> int:
-    """How many validation trajectories ``collect_calibration`` draws (see its docstring)."""
+                            num_groups: int, min_val_per_group: int, num_train_timesteps: int = 1000,
+                            rows_per_call: int = 1) -> int:
+    """How many validation trajectories to draw (see ``collect_calibration``'s docstring): at least
+    ``val_fraction`` of ``num_trajectories`` and enough that every timestep group, built as ``calibrate``
+    builds them (one per timestep when there are fewer than ``num_groups``), holds ``min_val_per_group``
+    samples; each kept timestep of a trajectory gives ``rows_per_call`` samples (2 with classifier-free
+    guidance). 0 when ``val_fraction <= 0``."""
     if val_fraction <= 0:
         return 0
     n = max(1, round(val_fraction * num_trajectories))
     kept = torch.unique(kept_timesteps)
-    if kept.numel() >= num_groups:
-        table = timestep_groups_from_calibration(kept, num_groups, max(num_train_timesteps, int(kept.max()) + 1))
-        per_group = torch.bincount(table[kept], minlength=num_groups)
-        n = max(n, math.ceil(min_val_per_group / int(per_group.min())))
-    return n
+    groups = min(num_groups, int(kept.numel()))
+    table = timestep_groups_from_calibration(kept, groups, max(num_train_timesteps, int(kept.max()) + 1))
+    per_group = torch.bincount(table[kept], minlength=groups) * rows_per_call
+    return max(n, math.ceil(min_val_per_group / int(per_group.min())))
 
 
 def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int = 100, interval: int | None = None,

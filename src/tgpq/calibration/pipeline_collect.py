@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 
 import torch
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..nn.routing import timestep_index
-from .collect import CalibrationSet, default_interval, scheduler_model_output
+from .collect import CalibrationSet, default_interval, scheduler_model_output, validation_trajectories
 
 #: Per-prompt pipeline arguments: trajectory ``j`` takes element / row ``j % len`` of each.
 PER_PROMPT_ARGS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_embeds",
@@ -205,18 +204,6 @@ def _stack(records):
     return x, t, cond
 
 
-def needed_val_trajectories(num_kept_timesteps: int, rows_per_call: int, num_groups: int,
-                            min_per_group: int) -> int:
-    """Validation trajectories that give every timestep group at least ``min_per_group`` samples.
-
-    ``calibrate`` cuts the distinct kept timesteps into ``num_groups`` contiguous chunks of nearly equal count
-    (one group per timestep when there are fewer), so the smallest group holds
-    ``max(1, num_kept_timesteps // num_groups)`` timesteps, each with ``rows_per_call`` samples a trajectory.
-    """
-    per_traj = rows_per_call * max(1, num_kept_timesteps // max(1, num_groups))
-    return max(1, math.ceil(min_per_group / per_traj))
-
-
 def collect_from_pipeline(pipe, num_trajectories: int, num_inference_steps: int = 50, *, interval: int | None = None,
                           guidance_scale: float | None = None, prompts=None, negative_prompts=None,
                           prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -238,7 +225,7 @@ def collect_from_pipeline(pipe, num_trajectories: int, num_inference_steps: int 
       ones (``PER_PROMPT_ARGS``) are cycled over the trajectories like ``prompts``.
     * Validation: ``num_val_trajectories`` (default: the larger of ``round(val_fraction * num_trajectories)``
       and what gives every one of ``num_groups`` timestep groups ``min_val_per_group`` samples,
-      ``needed_val_trajectories``); 0 for none.
+      ``collect.validation_trajectories``); 0 for none.
     Returns a ``CalibrationSet`` whose condition, when the UNet gets one, is a dict of its keyword arguments
     (``cond_kind == "kwargs"``), every tensor float32 (integers kept) on ``storage_device``.
     """
@@ -340,9 +327,8 @@ def collect_from_pipeline(pipe, num_trajectories: int, num_inference_steps: int 
             x, t, cond = _stack(train)
             distinct = torch.unique(t)
             if num_val_trajectories is None:
-                n_val = max(round(val_fraction * num_trajectories),
-                            needed_val_trajectories(int(distinct.numel()), rows_per_call[0], num_groups,
-                                                    min_val_per_group)) if val_fraction > 0 else 0
+                n_val = validation_trajectories(num_trajectories, val_fraction, distinct, num_groups,
+                                                min_val_per_group, rows_per_call=rows_per_call[0])
             else:
                 n_val = num_val_trajectories
             if n_val:
@@ -365,4 +351,4 @@ def collect_from_pipeline(pipe, num_trajectories: int, num_inference_steps: int 
                           cond=cond, val_cond=vcond, cond_kind=None if cond is None else "kwargs")
 
 
-__all__ = ["collect_from_pipeline", "UNetSampler", "needed_val_trajectories", "PER_PROMPT_ARGS"]
+__all__ = ["collect_from_pipeline", "UNetSampler", "PER_PROMPT_ARGS"]

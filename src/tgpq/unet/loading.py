@@ -55,15 +55,21 @@ def _config_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, missing: str = "no such file", what: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in ``path``; a one-line error naming the file otherwise."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: reference model config file not found")
+        raise FileNotFoundError(f"{path}: {missing}")
     try:
-        cfg = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object of UNet2DModel arguments")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {what}")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg = read_json_object(path, "reference model config file not found", "a JSON object of UNet2DModel arguments")
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..recipe import QuantConfig
+from .loading import read_json_object
 from .pipeline import is_pipeline
 from .serialization import FORMAT, READABLE_VERSIONS, VERSION, _json_value, _read, build_quantized, save, \
     write_atomically
@@ -126,18 +127,6 @@ def save_pretrained(model, folder: str | os.PathLike) -> None:
     _save_unet_folder(model, folder)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def _public(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "quantization_config"}
 
@@ -151,7 +140,7 @@ def _first_difference(a: dict, b: dict) -> str:
 
 def _load_unet_folder(folder: Path, backend: str, device) -> torch.nn.Module:
     cfg_path = folder / CONFIG_NAME
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     qc = cfg.get("quantization_config")
     if qc is None:
         raise ValueError(f"{cfg_path}: no quantization_config: a plain diffusers model, not a tgpq-quantized one "
@@ -219,7 +208,7 @@ def from_pretrained(folder: str | os.PathLike, backend: str = "auto", device: st
         if not (folder / CONFIG_NAME).is_file():
             raise ValueError(f"{folder}: not a diffusers folder (no {PIPELINE_INDEX} or {CONFIG_NAME})")
         return _load_unet_folder(folder, backend, device)
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     cls = check_pipeline_index(index_path, index)
     unet = _load_unet_folder(folder / "unet", backend, device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -243,11 +232,11 @@ def load_float_folder(folder: str | os.PathLike, device: str | torch.device = "c
     unet_cfg = (folder / "unet" / CONFIG_NAME) if index_path.is_file() else (folder / CONFIG_NAME)
     if not unet_cfg.is_file():
         raise ValueError(f"{folder}: not a diffusers pipeline or UNet folder (no {PIPELINE_INDEX} or {CONFIG_NAME})")
-    if "quantization_config" in _read_json(unet_cfg):
+    if "quantization_config" in read_json_object(unet_cfg):
         raise ValueError(f"{unet_cfg}: this model is already quantized; quantize its float original")
     if not index_path.is_file():
         return load_unet(str(folder), device=str(device))
-    cls = check_pipeline_index(index_path, _read_json(index_path))
+    cls = check_pipeline_index(index_path, read_json_object(index_path))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         pipe = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
