@@ -172,7 +172,7 @@ def main(argv=None):
         a.traj, a.calib_steps, a.interval, a.iters = 2, 10, 1, 4
     if a.threads:
         torch.set_num_threads(a.threads)
-    from bench_sampling import git_commit
+    from tgpq.eval.bench.report import git_commit
     from calibration_quality import load_model
 
     out = Path(a.out)
