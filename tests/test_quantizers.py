@@ -79,3 +79,14 @@ def test_cpp_quantize_act_matches_numerics_bit_for_bit():
         assert torch.equal(got, quantize_act(x, table[g]))
     with pytest.raises(RuntimeError, match="outside the scale table"):
         torch.ops.tgpq.quantize_act(x, table, torch.tensor([3]))
+
+
+def test_fake_quant_clamps_infinities_and_keeps_nan_like_the_kernels():
+    """+-inf become +-127 steps (as quantize_act, the cpu backend and the Triton kernels); NaN stays NaN;
+    finite values are those of quantize_act * scale, with the straight-through gradient inside the range."""
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.7, -1000.0, 0.25], requires_grad=True)
+    y = fake_quant_act(x, 0.5)
+    assert y[:2].tolist() == [63.5, -63.5] and torch.isnan(y[2])
+    assert torch.equal(y[3:].detach(), quantize_act(x[3:].detach(), 0.5).float() * 0.5)
+    y[3:].sum().backward()
+    assert x.grad[3:].tolist() == [1.0, 0.0, 1.0]

@@ -32,11 +32,13 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor
     The one fake-quant of the project (reference backend, calibration, simulation): computed and
     returned in float32 (float64 for float64 input, as tests use), forward value exactly
     ``quantize_act(x, scale) * scale``; the gradient passes the rounding straight through to ``x``
-    and ``scale`` (LSQ).
+    and ``scale`` (LSQ). NaN stays NaN; +-inf give +-``ACT_QMAX`` steps.
     """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = torch.as_tensor(scale, device=x.device).to(dt)
-    q = torch.clamp(round_ste(x.to(dt) * torch.reciprocal(s)), -ACT_QMAX, ACT_QMAX)
+    # clamp first: the same values for finite inputs, and +-inf become +-ACT_QMAX steps as in the kernels (the
+    # straight-through rounding of an infinite value would be NaN)
+    q = round_ste(torch.clamp(x.to(dt) * torch.reciprocal(s), -ACT_QMAX, ACT_QMAX))
     return q * s
 
 
