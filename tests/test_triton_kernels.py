@@ -43,10 +43,15 @@ def pack_int4(w: torch.Tensor) -> torch.Tensor:
     return ((lo & 0xF) | (hi << 4)).to(torch.int8)
 
 
-def quantize_x(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
-    """The kernels' activation quantization, in torch: int64, same shape."""
+def quantize_x_float(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, in torch, as float32 integers (NaN stays NaN, inf clamps)."""
     inv = torch.reciprocal(a_s.to(torch.float32))
-    return torch.clamp(torch.round(x.to(torch.float32) * inv), -127, 127).to(torch.int64)
+    return torch.clamp(torch.round(x.to(torch.float32) * inv), -127, 127)
+
+
+def quantize_x(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, in torch: int64, same shape (finite x only)."""
+    return quantize_x_float(x, a_s).to(torch.int64)
 
 
 def make_weights(n, k, bits, gen, q=None):
@@ -222,15 +227,87 @@ def test_qconv2d_rejects_bad_input():
 
 
 # --------------------------------------------------------------------------------------------
-# On a CUDA device: the autotuned kernels at full size (skipped on CPU machines).
+# Non-finite activations (issue 14): a NaN makes exactly the outputs NaN that read it, as the reference
+# backend (fake-quantize, then compute in float) does; +-inf clamps to +-127 like any large value.
+# The interpreter casts the NaN row's quantized values to int8 with numpy, which warns; those values
+# never reach the output (the row is NaN).
+NAN_CAST_WARNING = "ignore:invalid value encountered in cast:RuntimeWarning"
+
+
+def check_nan_like_reference(y, xd, wd, bias, op, dtype, **kw):
+    """y vs ``op`` (F.linear / F.conv2d) in float64 on the dequantized operands ``xd`` (NaN kept) and ``wd``:
+    the same NaN pattern, and every other output within the kernels' tolerance (see check_close)."""
+    ref = op(xd, wd, bias, **kw)
+    mag = op(xd.nan_to_num().abs(), wd.abs(), None if bias is None else bias.abs(), **kw)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), "the NaN pattern differs from the reference"
+    ok = ~torch.isnan(ref)
+    err = (y[ok].to(torch.float64) - ref[ok]).abs()
+    tol = ULP[dtype] * ref[ok].abs() + 4 * 2.0**-24 * mag[ok] + 2.0**-24
+    assert torch.isfinite(y[ok]).all() and (err <= tol).all(), float(err.max())
+    return ref
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float16), (4, torch.bfloat16)])
+def test_qlinear_nan_rows_like_the_reference(bits, dtype):
+    """NaN in the first, a middle and the masked last K tile of three rows; +-inf in two others."""
+    gen = torch.Generator().manual_seed(11 + bits)
+    m, n, k = 29, 37, 71  # K: tiles of 32, 32 and a masked 7
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.02 + 0.001
+    a_scale = torch.tensor([0.04, 0.02])
+    x = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
+    for r, c in ((0, 0), (7, 40), (28, 70)):
+        x[r, c] = float("nan")
+    x[3, 5], x[4, 66] = float("inf"), float("-inf")
+    bias = torch.randn(n, generator=gen)
+    y = qlinear(x, wp, w_scale, a_scale, torch.tensor([1]), bias, bits=bits, k=k)
+    xd = quantize_x_float(x, a_scale[1]).to(torch.float64) * float(a_scale[1])
+    ref = check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None],
+                                   bias.to(torch.float64), F.linear, dtype)
+    assert torch.isnan(ref).any(1).nonzero().flatten().tolist() == [0, 7, 28]
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4]],
+                         ids=["general_k", "aligned_s2", "dilated_stem"])
+def test_qconv2d_nan_receptive_fields_like_the_reference(case):
+    """NaN pixels (one on the border, one in a later channel) poison exactly the output pixels whose
+    receptive field holds them, in every output channel; zero padding stays zero."""
+    b, cin, h, w_, cout, ks, st, pad, dil = case
+    gen = torch.Generator().manual_seed(cin + h)
+    w = torch.randint(-127, 128, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
+    wp = w.permute(0, 2, 3, 1).reshape(cout, ks * ks * cin).contiguous()
+    w_scale = torch.rand(cout, generator=gen) * 0.02 + 0.001
+    a_scale = torch.tensor([0.03])
+    x = (torch.randn(b, cin, h, w_, generator=gen) * 0.5).half()
+    x[0, 0, 0, w_ - 1] = float("nan")
+    x[-1, cin - 1, h // 2, w_ // 2] = float("nan")
+    x[0, cin // 2, h - 1, 1] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = qconv2d(x, wp, w_scale, a_scale, torch.tensor([0]), None, bits=8, in_channels=cin, kernel_size=ks,
+                stride=st, padding=pad, dilation=dil)
+    xd = quantize_x_float(x, a_scale[0]).to(torch.float64) * float(a_scale[0])
+    check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None, None, None], None,
+                             F.conv2d, torch.float16, stride=st, padding=pad, dilation=dil)
+
+
+# --------------------------------------------------------------------------------------------
+# On a CUDA device: the autotuned kernels at full size (skipped on CPU machines). The shapes are also in
+# benchmarks/bench_kernels.py (TEST_GEMMS / TEST_CONVS), whose --precompile compiles them ahead in the GPU
+# suite; tests/test_gpu_suite.py keeps the two lists equal.
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_GEMM_SHAPES = [(1, 1024, 1024), (333, 770, 1000), (4096, 4096, 4096)]  # (M, N, K)
+GPU_CONV_CASES = [(8, 128, 32, 32, 128, 3, 1, 1, 1), (8, 256, 16, 16, 256, 3, 2, 1, 1),
+                  (8, 384, 16, 16, 256, 1, 1, 0, 1), (4, 3, 32, 32, 128, 3, 1, 1, 1)]  # (B, Cin, H, W, Cout, k, s, p, d)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 1024, 1024), (333, 770, 1000), (4096, 4096, 4096)])
+@pytest.mark.parametrize("m,n,k", GPU_GEMM_SHAPES)
 def test_qlinear_gpu_full_size(bits, dtype, m, n, k):
     gen = torch.Generator().manual_seed(m + n + k + bits)
     w, wp = make_weights(n, k, bits, gen)
@@ -253,8 +330,7 @@ def test_qlinear_gpu_full_size(bits, dtype, m, n, k):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", [(8, 128, 32, 32, 128, 3, 1, 1, 1), (8, 256, 16, 16, 256, 3, 2, 1, 1),
-                                  (8, 384, 16, 16, 256, 1, 1, 0, 1), (4, 3, 32, 32, 128, 3, 1, 1, 1)])
+@pytest.mark.parametrize("case", GPU_CONV_CASES)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qconv2d_gpu_unet_shapes(case, bits):
     b, cin, h, w_, cout, ks, st, pad, dil = case
@@ -268,7 +344,8 @@ def test_qconv2d_gpu_unet_shapes(case, bits):
     x = (torch.randn(b, cin, h, w_, generator=gen) * 40 * a_scale[0]).half().contiguous(memory_format=torch.channels_last)
     bias = torch.randn(cout, generator=gen)
     dev = "cuda"
-    y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev, dtype=torch.int32),
+    # int64 group index, as converted layers pass it (the interpreter tests cover int32)
+    y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev),
                 bias.to(dev), bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad).cpu()
     check_conv_close(y, quantize_x(x, a_scale[0]), a_scale[0], w, w_scale, bias, st, pad, dil, torch.float16)
 
@@ -318,3 +395,41 @@ def test_gluon_is_the_w8a8_default_on_sm90():
                 None, bits=8, k=k, path=variant).cpu()
     acc = quantize_x(x, a_scale[1]) @ w.to(torch.int64).T
     check_close(y, acc, a_scale[1] * w_scale, None, torch.float16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_nan_rows_and_receptive_fields_on_the_device(bits):
+    """The compiled kernels (every W8A8 GEMM path, conv) at GPU sizes: NaN exactly where the reference has it."""
+    gen = torch.Generator().manual_seed(21 + bits)
+    dev = "cuda"
+    m, n, k = 300, 512, 1024
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    a_scale = torch.tensor([0.05, 0.03])
+    x = (torch.randn(m, k, generator=gen) * 2).half()
+    for r, c in ((0, 0), (m // 2, 517 % k), (m - 1, k - 1)):
+        x[r, c] = float("nan")
+    x[7, 3], x[8, 900] = float("inf"), float("-inf")
+    bias = torch.randn(n, generator=gen)
+    xd = quantize_x_float(x, a_scale[1]).to(torch.float64) * float(a_scale[1])
+    wd = w.to(torch.float64) * w_scale.to(torch.float64)[:, None]
+    paths = ("gluon", "tl_dot") if bits == 8 and torch.cuda.get_device_capability()[0] == 9 else ("tl_dot", )
+    for path in paths:
+        y = qlinear(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([1], device=dev),
+                    bias.to(dev), bits=bits, k=k, path=path).cpu()
+        check_nan_like_reference(y, xd, wd, bias.to(torch.float64), F.linear, torch.float16)
+    b, cin, h, w_, cout = 4, 128, 16, 16, 128
+    wc = torch.randint(-7 if bits == 4 else -127, 8 if bits == 4 else 128, (cout, cin, 3, 3), dtype=torch.int8,
+                       generator=gen)
+    wg = wc.permute(0, 2, 3, 1).reshape(cout, -1).contiguous()
+    xc = (torch.randn(b, cin, h, w_, generator=gen) * 2).half()
+    xc[0, 5, 0, 0], xc[3, 127, 8, 9] = float("nan"), float("nan")
+    xc = xc.contiguous(memory_format=torch.channels_last)
+    y = qconv2d(xc.to(dev), (pack_int4(wg) if bits == 4 else wg).to(dev), w_scale[:cout].to(dev), a_scale.to(dev),
+                torch.tensor([0], device=dev), None, bits=bits, in_channels=cin, kernel_size=3, stride=1,
+                padding=1).cpu()
+    xcd = quantize_x_float(xc, a_scale[0]).to(torch.float64) * float(a_scale[0])
+    check_nan_like_reference(y, xcd, wc.to(torch.float64) * w_scale[:cout].to(torch.float64)[:, None, None, None],
+                             None, F.conv2d, torch.float16, padding=1)
