@@ -58,7 +58,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest"],
+        "test": ["pytest", "transformers"],  # transformers: the text encoders of the pipeline tests
         "bench": ["openvino", "nncf", "torchao"],
     },
     entry_points={"console_scripts": ["tgpq=tgpq.cli:main"]},

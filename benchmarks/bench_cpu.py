@@ -1,22 +1,29 @@
 """CPU benchmark of the tgpq ``cpu`` backend against fp32 / bf16 eager, oneDNN int8, PT2E int8 and OpenVINO.
 
-One command:  ``python benchmarks/bench_cpu.py``   (``--quick``: a seconds-long smoke run for CI)
+    python benchmarks/bench_cpu.py                 # the DDPM CIFAR-10 UNet (35.7M, random weights)
+    python benchmarks/bench_cpu.py --model sd15    # one SD-1.5 UNet forward (batch 2, 64x64 latents, 77 tokens)
+    python benchmarks/bench_cpu.py --quick         # a seconds-long smoke run (CI)
 
-* Layer level: every distinct Conv2d / Linear shape of the DDPM CIFAR-10 UNet (published layout, random
-  weights) at batch 16 and 64: fp32 eager (NCHW, what the float model runs), tgpq W8A8 and W4A8 (float
-  input -> one quantize pass -> implicit GEMM; and the GEMM alone on a u8 input), oneDNN int8
-  (``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` on plain uint8, zero point 128) with
-  its max error against the exact integer result. GMAC/s and the ratio to the measured int8 peak of
-  the microkernel that serves (a cache-resident GEMM).
-* End to end: one forward at batch 1, 16, 64 and a DDIM sampling loop at batch 16 for fp32 eager,
-  bf16 channels_last, tgpq W8A8 / W4A8 (eager, ``fuse_for_cpu``), and the peers when installed
-  (``pip install .[bench]``): PT2E int8 (X86InductorQuantizer + torch.compile) and OpenVINO fp32 / int8
-  (NNCF). Round robin in one process, medians; skipped peers are listed with the reason.
-* Output: ``benchmarks/results/bench_cpu.json``, ``bench_cpu.md`` and ``bench_cpu.png``; CPU model,
-  flags, threads and load average recorded.
+* Ceilings (``cpu_layers.ceilings``), measured here on all threads: the fp32 FMA instruction's throughput
+  and tgpq's serving int8 microkernels on L2-resident operands; every per-layer rate is printed as a
+  share of the ceiling it is held to (a row above 100 % would mean the ceiling is not one: it is flagged).
+* Layer level: every distinct Conv2d / Linear shape of the UNet at batch 16 and 64: fp32 eager, tgpq W8A8 and
+  W4A8 (float input -> one quantize pass -> implicit GEMM; and the GEMM alone on a u8 input), oneDNN int8
+  (``torch.ops.onednn``, plain uint8, zero point 128) with its max error against the exact integer result;
+  GMAC/s and which kernel served (tgpq's microkernel for the ISA, or oneDNN where the backend chose it).
+* Memory passes: the fused GroupNorm+SiLU+quantize and the quantize pass against a float copy of the same
+  tensor (GB/s, % of the copy's bandwidth).
+* End to end: one forward at batch 1, 16, 64 and a 50-step DDIM loop at batch 16 for fp32 eager, bf16
+  channels_last, tgpq W8A8 / W4A8 (eager, fused), and the peers when installed (``pip install .[bench]``):
+  PT2E int8 (X86InductorQuantizer + torch.compile) and OpenVINO fp32 / int8 (NNCF). Round robin in one
+  process, medians; skipped peers are listed with the reason. The profile of one tgpq W8A8 forward follows.
+* ``--model sd15``: fp32 eager, tgpq W8A8 / W4A8, OpenVINO fp32 and int8 (hybrid, as optimum-intel) on one
+  SD-1.5 UNet forward, with weight bytes and peak memory beside the times.
+* Output: ``benchmarks/results/bench_cpu[_sd15].{json,md,png}``; CPU model, flags, threads, load average.
 
-tgpq is calibrated here with a local round-to-nearest recipe (MSE weight scales, activation scales
-from a min/max pass at a few timesteps): speed does not depend on the calibration method.
+Pause every other process on the machine first: a concurrent job moves the ratios by 20 % or more.
+tgpq is calibrated here with a round-to-nearest recipe (``tgpq.calibration.rtn``): speed does not depend
+on the calibration method.
 """
 from __future__ import annotations
 
@@ -24,17 +31,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]  # tgpq itself is the installed package (README: install)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark's own modules beside it
+
+from cpu_layers import CEILING_OF, bench_layers, ceilings, memory_passes, round_robin  # noqa: E402
+from cpu_peers import SD15_TEXT, SD15_UNET_CONFIG, openvino_hybrid, openvino_models, pt2e_model  # noqa: E402
 
 DDPM_CONFIG = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -76,22 +84,6 @@ def native_bf16(info: dict) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(info.get("simd_flags", [])))
 
 
-# ------------------------------------------------------------------------------------------- timing
-def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each fn, interleaved (one call of each per round)."""
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 # --------------------------------------------------------------------------------------- calibration
 def rtn_qstate(unet, bits: int, timesteps=(999, 750, 500, 250, 10), batch: int = 4, sample_size: int = 32):
     """Round-to-nearest QuantState (``tgpq.calibration.rtn``): MSE weight scales, per-group activation
@@ -117,174 +109,7 @@ def tgpq_model(unet, bits: int, sample_size: int, fuse: bool = True):
 
 
 # ------------------------------------------------------------------------------------------ layers
-def layer_shapes(unet, batch: int, sample_size: int) -> list[dict]:
-    """Distinct (type, in, out, kernel, stride, padding, input HxW) of every Conv2d / Linear."""
-    seen, out, hooks = set(), [], []
-    for name, m in unet.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(mod, inp, _o, name=name):
-                x = inp[0]
-                if isinstance(mod, nn.Conv2d):
-                    key = ("conv", mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
-                           mod.padding[0], x.shape[2], x.shape[3])
-                else:
-                    key = ("linear", mod.in_features, mod.out_features, 1, 1, 0, x.numel() // x.shape[-1], 1)
-                if key not in seen:
-                    seen.add(key)
-                    out.append({"key": key, "name": name, "count": 1})
-                else:
-                    next(d for d in out if d["key"] == key)["count"] += 1
-            hooks.append(m.register_forward_hook(hook))
-    with torch.inference_mode():
-        unet(torch.randn(1, 3, sample_size, sample_size), 10)
-    for h in hooks:
-        h.remove()
-    return out
-
-
-def _layer_case(key, batch: int, gen):
-    from tgpq.layout import conv_output_size
-    from tgpq.nn import QConv2d, QLinear
-    from tgpq.numerics import mse_weight_scale, quantize_weight
-    from tgpq.recipe import LayerQState
-
-    kind, cin, cout, k, s, p, h, w = key
-    if kind == "conv":
-        fl = nn.Conv2d(cin, cout, k, s, p)
-        x = torch.randn(batch, cin, h, w, generator=gen)
-        ho, wo = conv_output_size((h, w), (k, k), (s, s), (p, p), (1, 1))
-        macs = batch * cout * cin * k * k * ho * wo
-    else:
-        fl = nn.Linear(cin, cout)
-        x = torch.randn(h * batch, cin, generator=gen)  # h = rows per sample (1, or H*W for attention)
-        macs = h * batch * cin * cout
-    fl.eval()
-    layers = {}
-    for bits in (8, 4):
-        sc = mse_weight_scale(fl.weight, bits)
-        lq = LayerQState(quantize_weight(fl.weight, sc, bits), sc, torch.tensor([float(x.abs().max()) / 127]))
-        layers[bits] = (QConv2d.from_float(fl, lq, bits) if kind == "conv" else QLinear.from_float(fl, lq, bits))
-        layers[bits].backend = "cpu"
-    return fl, x, layers, macs
-
-
-def _onednn_fn(kind, fl, layer, x):
-    """oneDNN int8 on plain uint8 (zero point 128) with the layer's int8 weight; returns (fn, max_err)."""
-    a_s = float(layer.a_scale[0])
-    w_s = layer.w_scale
-    wq = layer.weight_packed.unpack()
-    xq = torch.clamp(torch.round(x * (1.0 / a_s)), -127, 127)
-    zps = torch.zeros(w_s.numel(), dtype=torch.int64)
-    if kind == "conv":
-        w4 = wq.reshape(layer.out_channels, *layer.kernel_size, layer.in_channels).permute(0, 3, 1, 2).contiguous()
-        qx = (xq + 128).to(torch.uint8).contiguous(memory_format=torch.channels_last)
-        st, pd, dl = list(layer.stride), list(layer.padding), list(layer.dilation)
-        pw = torch.ops.onednn.qconv_prepack(w4, w_s, a_s, 128, st, pd, dl, 1, list(x.shape))
-
-        def fn():
-            return torch.ops.onednn.qconv2d_pointwise(qx, a_s, 128, pw, w_s, zps, layer.bias, st, pd, dl, 1, 1.0, 0,
-                                                      torch.float32, "none", [], "")
-        exact = F.conv2d(xq.double(), w4.double(), None, st, pd, dl)
-        exact = exact * (a_s * w_s.double())[None, :, None, None] + layer.bias.double()[None, :, None, None]
-    else:
-        qx = (xq + 128).to(torch.uint8)
-        pw = torch.ops.onednn.qlinear_prepack(wq, list(x.shape))
-
-        def fn():
-            return torch.ops.onednn.qlinear_pointwise(qx, a_s, 128, pw, w_s, zps, layer.bias, 1.0, 0, torch.float32,
-                                                      "none", [], "")
-        exact = (xq.double() @ wq.double().T) * (a_s * w_s.double()) + layer.bias.double()
-    err = (fn().double() - exact).abs().max().item() / (exact.abs().max().item() + 1e-12)
-    return fn, err
-
-
-def bench_layers(unet, batches, repeats, sample_size) -> list[dict]:
-    from tgpq.backends import cpu as cb
-    from tqdm import tqdm
-
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    shapes = layer_shapes(unet, 1, sample_size)
-    for batch in batches:
-        for d in tqdm(shapes, desc=f"layers b={batch}", file=sys.stderr):
-            kind = d["key"][0]
-            fl, x, layers, macs = _layer_case(d["key"], batch, gen)
-            fns = {"fp32": lambda: fl(x)}
-            for bits, layer in layers.items():
-                fns[f"tgpq_w{bits}a8"] = (lambda layer=layer: layer(x))
-                if kind == "conv":
-                    xq = cb.quantize_nhwc(layer, x)
-                    fns[f"tgpq_w{bits}a8_gemm"] = (lambda layer=layer, xq=xq: cb.conv2d_u8(layer, xq))
-            onednn_err = None
-            try:
-                fns["onednn_int8"], onednn_err = _onednn_fn(kind, fl, layers[8], x)
-            except (RuntimeError, AttributeError) as e:
-                print(f"oneDNN int8 unavailable for {d['key']}: {e}", file=sys.stderr)
-            t = round_robin(fns, repeats)
-            row = {"batch": batch, "shape": list(d["key"]), "example": d["name"], "count": d["count"], "macs": macs,
-                   "ms": {k: v * 1e3 for k, v in t.items()},
-                   "gmacs": {k: macs / v / 1e9 for k, v in t.items()},
-                   "speedup_vs_fp32": {k: t["fp32"] / v for k, v in t.items()},
-                   "onednn_rel_err": onednn_err}
-            rows.append(row)
-    return rows
-
-
-def int8_peak(repeats: int) -> dict:
-    """GMAC/s of the serving int8 path on one large GEMM (a 1x1 conv over u8, M=4096, K=N=256: weights
-    cache-resident, no im2col) and of fp32 ``mm`` (2048^3, MKL) on this CPU: the practical ceilings."""
-    from tgpq.backends import cpu as cb
-    from tgpq.nn import QLinear
-
-    layer = QLinear(256, 256, 8, 1)
-    layer.w_packed.copy_(torch.randint(-127, 128, (256, 256), dtype=torch.int8))
-    layer.a_scale.fill_(0.05)
-    layer.backend = "cpu"
-    xq = (torch.randint(-127, 128, (1, 64, 64, 256)) + 128).to(torch.uint8)  # 4096 x 256
-    conv = nn.Conv2d(256, 256, 1)
-    qconv = __import__("tgpq.nn", fromlist=["QConv2d"]).QConv2d(256, 256, 1, bits=8)
-    qconv.w_packed.copy_(layer.w_packed)
-    a = torch.randn(2048, 2048)
-    fns = {"int8": lambda: cb.conv2d_u8(qconv, xq), "fp32_mm": lambda: a @ a}
-    t = round_robin(fns, repeats)
-    return {"isa": cb.current_isa(), "int8_gmacs": 4096 * 256 * 256 / t["int8"] / 1e9,
-            "fp32_gmacs": 2048 ** 3 / t["fp32_mm"] / 1e9, "ratio": (4096 * 256 * 256 / t["int8"]) / (2048 ** 3 / t["fp32_mm"])}
-
-
 # ------------------------------------------------------------------------------------------ peers
-def pt2e_model(unet, example):
-    """PT2E int8: X86InductorQuantizer (torch.mul excluded for the integer timestep) + torch.compile."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-
-    q = X86InductorQuantizer()
-    q.set_global(get_default_x86_inductor_quantization_config())
-    q.set_function_type_qconfig(torch.mul, None)
-    m = torch.export.export(unet, example).module()
-    m = prepare_pt2e(m, q)
-    with torch.inference_mode():
-        for t in (999, 500, 10):
-            m(example[0], torch.full_like(example[1], t))
-    m = convert_pt2e(m)
-    return torch.compile(m)
-
-
-def openvino_models(unet, example, int8: bool):
-    import openvino as ov
-
-    core = ov.Core()
-    ovm = ov.convert_model(unet, example_input=example)
-    if int8:
-        import nncf
-
-        calib = [(torch.randn_like(example[0]), torch.full_like(example[1], t)) for t in (999, 700, 400, 100, 10)]
-        ovm = nncf.quantize(ovm, nncf.Dataset(calib, lambda d: (d[0].numpy(), d[1].numpy())),
-                            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
-    compiled = core.compile_model(ovm, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    return compiled
-
-
 # ------------------------------------------------------------------------------------------ end to end
 def build_contenders(unet, sample_size: int, batch: int, peers: bool, skipped: dict) -> dict:
     """name -> fn(x, t) returning the noise prediction (float tensor)."""
@@ -384,7 +209,8 @@ def bench_sampling(contenders: dict, steps: int, batch: int, sample_size: int, n
             "speedup_vs_fp32": {k: res["fp32_eager"] / v for k, v in res.items()} if "fp32_eager" in res else {}}
 
 
-def profile_tgpq(contenders: dict, batch: int, sample_size: int, rows: int = 18) -> str:
+def profile_tgpq(contenders: dict, batch: int, sample_size: int, rows: int = 18) -> dict:
+    """torch.profiler table of one tgpq W8A8 forward, and its ``aten::copy_`` calls (layout conversions)."""
     x = torch.randn(batch, 3, sample_size, sample_size)
     t = torch.tensor([500] * batch)
     f = contenders["tgpq_w8a8"]
@@ -392,29 +218,59 @@ def profile_tgpq(contenders: dict, batch: int, sample_size: int, rows: int = 18)
         f(x, t)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             f(x, t)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    avg = {e.key: e for e in prof.key_averages()}
+    total = sum(e.self_cpu_time_total for e in avg.values())
+    copies = avg.get("aten::copy_")
+    return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
+            "copy_calls": copies.count if copies else 0,
+            "copy_pct": 100 * copies.self_cpu_time_total / total if copies else 0.0}
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_report(res: dict, out_dir: Path) -> None:
+def _pct(v) -> str:
+    return "-" if v is None else (f"**{v:.0f}%**" if v > 100 else f"{v:.0f}%")
+
+
+def write_report(res: dict, out_dir: Path, stem: str = "bench_cpu") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_cpu.json").write_text(json.dumps(res, indent=1))
-    L = ["# CPU benchmark (tgpq cpu backend)", "", f"System: `{json.dumps(res['system'])}`", ""]
-    pk = res.get("peak")
-    if pk:
-        L += [f"Serving microkernel path: **{pk['isa']}**; int8 GEMM 4096x256x256 (1x1 conv over u8) "
-              f"{pk['int8_gmacs']:.0f} GMAC/s, fp32 mm 2048^3 {pk['fp32_gmacs']:.0f} GMAC/s (ratio {pk['ratio']:.2f}).", ""]
-    L += ["## Per layer (median ms; speedup over fp32 eager; GMAC/s; % of the measured int8 peak)", "",
-          "| batch | layer (kind,cin,cout,k,s,p,H,W) | n | fp32 ms | tgpq W8A8 | W8 GEMM only | tgpq W4A8 | oneDNN int8 | "
-          "oneDNN rel err | W8 GMAC/s | % peak |", "|" + "---|" * 12]
-    for r in res["layers"]:
-        s, g = r["speedup_vs_fp32"], r["gmacs"]
-        pct = 100 * g.get("tgpq_w8a8_gemm", g["tgpq_w8a8"]) / pk["int8_gmacs"] if pk else float("nan")
-        oe = r["onednn_rel_err"]
-        L.append(f"| {r['batch']} | {tuple(r['shape'])} | {r['count']} | {r['ms']['fp32']:.2f} | {s['tgpq_w8a8']:.2f}x | "
-                 f"{s.get('tgpq_w8a8_gemm', float('nan')):.2f}x | {s['tgpq_w4a8']:.2f}x | "
-                 f"{s.get('onednn_int8', float('nan')):.2f}x | {'n/a' if oe is None else f'{oe:.1e}'} | "
-                 f"{g['tgpq_w8a8']:.0f} | {pct:.0f}% |")
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    L = [f"# CPU benchmark (tgpq cpu backend): {res['config']}", "", f"System: `{json.dumps(res['system'])}`", ""]
+    c = res.get("ceilings")
+    if c:
+        L += [f"Ceilings on {c['threads']} threads, serving ISA **{c['isa']}** (GMAC/s, best of repeated runs before "
+              f"and after the layers): fp32 FMA instruction {c['fp32_fma']:.0f}; the int8 kernels' multiply-accumulate "
+              f"instructions W8 {c['int8_w8']:.0f} ({c['int8_w8'] / c['fp32_fma']:.2f}x fp32), W4 {c['int8_w4']:.0f} "
+              f"({c['int8_w4'] / c['fp32_fma']:.2f}x fp32). For reference: the microkernels on L2-resident operands "
+              f"W8 {c['kernel_w8']:.0f}, W4 {c['kernel_w4']:.0f}; torch fp32 mm 1024^3 {c['torch_mm']:.0f}. fp32 convs "
+              f"may exceed the FMA ceiling only by skipping MACs (Winograd).", ""]
+    if res.get("layers"):
+        L += ["## Per layer (median ms; speedup over fp32 eager; GMAC/s; % of the ceiling each column is held to)", "",
+              "| batch | layer (kind,cin,cout,k,s,p,H,W) | n | fp32 ms | fp32 % FMA | tgpq W8A8 | W8 GEMM only | "
+              "tgpq W4A8 | oneDNN int8 | oneDNN rel err | W8 GMAC/s | W8 % ceil | W4 % ceil | served by (W8, W4) |",
+              "|" + "---|" * 15]
+        over = []
+        for r in res["layers"]:
+            s_, g, p = r["speedup_vs_fp32"], r["gmacs"], r.get("pct_of_ceiling", {})
+            oe = r["onednn_rel_err"]
+            w8 = p.get("tgpq_w8a8_gemm", p.get("tgpq_w8a8"))
+            w4 = p.get("tgpq_w4a8_gemm", p.get("tgpq_w4a8"))
+            over += [f"{tuple(r['shape'])} b={r['batch']} {k}" for k, v in p.items() if v > 100]
+            sv = r.get("served_by", {})
+            L.append(f"| {r['batch']} | {tuple(r['shape'])} | {r['count']} | {r['ms']['fp32']:.2f} | {_pct(p.get('fp32'))} | "
+                     f"{s_['tgpq_w8a8']:.2f}x | {s_.get('tgpq_w8a8_gemm', float('nan')):.2f}x | {s_['tgpq_w4a8']:.2f}x | "
+                     f"{s_.get('onednn_int8', float('nan')):.2f}x | {'n/a' if oe is None else f'{oe:.1e}'} | "
+                     f"{g['tgpq_w8a8']:.0f} | {_pct(w8)} | {_pct(w4)} | {sv.get('w8a8', '-')}, {sv.get('w4a8', '-')} |")
+        L += ["", f"Rows above their ceiling: {', '.join(over) if over else 'none'}.", ""]
+    if res.get("memory_passes"):
+        L += ["## Memory-bound passes (GB/s: 4 B read + 1 B written per element; copy: 4 + 4)", "",
+              "| input [B,C,H,W] | groups | GN+SiLU+quantize ms | GB/s | % of copy | quantize ms | GB/s | % of copy | "
+              "copy GB/s |", "|" + "---|" * 9]
+        for r in res["memory_passes"]:
+            m, g, pc = r["ms"], r["gb_s"], r["pct_of_copy"]
+            L.append(f"| {r['shape']} | {r['groups']} | {m['gn_silu_quantize']:.3f} | {g['gn_silu_quantize']:.1f} | "
+                     f"{pc['gn_silu_quantize']:.0f}% | {m['quantize']:.3f} | {g['quantize']:.1f} | {pc['quantize']:.0f}% | "
+                     f"{g['copy']:.1f} |")
+        L.append("")
     L += ["", "## End to end (one UNet forward, median ms and speedup over fp32 eager)", ""]
     for r in res["end_to_end"]:
         L += [f"### batch {r['batch']}", "", "| model | ms | speedup | rel. RMSE vs fp32 |", "|---|---|---|---|"]
@@ -430,8 +286,11 @@ def write_report(res: dict, out_dir: Path) -> None:
     if res.get("skipped"):
         L += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     if res.get("profile"):
-        L += ["## Where tgpq W8A8 spends its time (torch.profiler, one forward)", "", "```", res["profile"], "```", ""]
-    (out_dir / "bench_cpu.md").write_text("\n".join(L))
+        pr = res["profile"]
+        L += ["## Where tgpq W8A8 spends its time (torch.profiler, one forward)", "",
+              f"`aten::copy_` (layout conversions): {pr['copy_calls']} calls, {pr['copy_pct']:.1f} % of the forward.", "",
+              "```", pr["table"], "```", ""]
+    (out_dir / f"{stem}.md").write_text("\n".join(L))
     if not res["end_to_end"]:
         return
     try:
@@ -450,28 +309,105 @@ def write_report(res: dict, out_dir: Path) -> None:
             ax.set_title(f"UNet forward, batch {r['batch']}")
             ax.set_xlabel("speedup over fp32 eager")
         fig.tight_layout()
-        fig.savefig(out_dir / "bench_cpu.png", dpi=110)
+        fig.savefig(out_dir / f"{stem}.png", dpi=110)
     except ImportError as e:
         print(f"no chart: {e}", file=sys.stderr)
 
 
+def sd15_contenders(unet, batch: int, peers: bool, skipped: dict) -> tuple[dict, dict, tuple]:
+    """SD-1.5: fp32 eager, tgpq W8A8 / W4A8 (in place of copies of the float model: one more copy of a
+    3.4 GB model each), OpenVINO fp32 and int8 hybrid; their weight bytes; the example inputs."""
+    import copy
+
+    import tgpq
+    from tgpq.calibration.rtn import rtn_quant_state
+    from tgpq.recipe import QuantConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 64, 64, generator=gen)
+    text = torch.randn(batch, *SD15_TEXT, generator=gen)
+    t = torch.tensor(500)
+    out = {"fp32_eager": lambda: unet(x, t, encoder_hidden_states=text).sample}
+    nbytes = {"fp32_eager": tgpq.weight_bytes(unet)}
+    for bits in (8, 4):
+        qs = rtn_quant_state(unet, QuantConfig(weight_bits=bits, method="rtn"),
+                             lambda k, tt: (torch.randn(batch, 4, 64, 64, generator=gen),
+                                            {"encoder_hidden_states": torch.randn(batch, *SD15_TEXT, generator=gen)}),
+                             weight_scale="absmax")
+        q = tgpq.convert(copy.deepcopy(unet), qs, backend="cpu", inplace=True)
+        out[f"tgpq_w{bits}a8"] = (lambda q=q: q(x.contiguous(memory_format=torch.channels_last), t,
+                                                encoder_hidden_states=text).sample)
+        nbytes[f"tgpq_w{bits}a8"] = tgpq.weight_bytes(q)
+    if not peers:
+        skipped["peers"] = "--no-peers"
+        return out, nbytes, (x, t, text)
+    example = (x, t.expand(batch), text)
+    calibration = [(torch.randn_like(x), torch.full((batch,), tt), torch.randn_like(text)) for tt in (900, 500, 100)]
+    for name, build in (("openvino_fp32", lambda: openvino_models(unet, example, False)),
+                        ("openvino_int8_hybrid", lambda: openvino_hybrid(unet, example, calibration))):
+        try:
+            cm = build()
+            out[name] = (lambda cm=cm: torch.from_numpy(cm((x.numpy(), t.expand(batch).numpy(), text.numpy()))[0]))
+        except Exception as e:  # noqa: BLE001 - a peer failing must not stop the benchmark
+            skipped[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out, nbytes, (x, t, text)
+
+
+def run_sd15(a) -> dict:
+    """One SD-1.5 UNet forward per contender, round robin; peak memory of each forward beside the times."""
+    from diffusers import UNet2DConditionModel
+
+    from tgpq.eval import measure
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    res = {"system": system_info(), "config": "sd15", "skipped": {}, "batch": a.sd15_batch}
+    res["ceilings"] = ceilings()
+    fns, nbytes, _ = sd15_contenders(unet, a.sd15_batch, not a.no_peers, res["skipped"])
+    tm = round_robin(fns, a.repeats)
+    ref = None
+    rows = {}
+    with torch.inference_mode():
+        for k, f in fns.items():
+            y, _, peak = measure(f)
+            ref = y.double() if ref is None else ref
+            err = float((y.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+            rows[k] = {"ms": tm[k] * 1e3, "speedup_vs_fp32": tm["fp32_eager"] / tm[k], "rel_rmse_vs_fp32": err,
+                       "weight_bytes": nbytes.get(k), "peak_bytes_during_forward": peak}
+    res["end_to_end"] = [{"batch": a.sd15_batch, "ms": {k: v["ms"] for k, v in rows.items()},
+                          "speedup_vs_fp32": {k: v["speedup_vs_fp32"] for k, v in rows.items()},
+                          "rel_rmse_vs_fp32": {k: v["rel_rmse_vs_fp32"] for k, v in rows.items()}}]
+    res["sd15"] = rows
+    write_report(res, a.out, "bench_cpu_sd15")
+    L = [(a.out / "bench_cpu_sd15.md").read_text(), "## Weights and memory", "",
+         "| model | weight MiB | peak MiB allocated during a forward |", "|---|---|---|"]
+    for k, v in rows.items():
+        wb = "-" if v["weight_bytes"] is None else f"{v['weight_bytes'] / 2**20:.0f}"
+        L.append(f"| {k} | {wb} | {v['peak_bytes_during_forward'] / 2**20:.0f} |")
+    (a.out / "bench_cpu_sd15.md").write_text("\n".join(L) + "\n")
+    print((a.out / "bench_cpu_sd15.md").read_text())
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["ddpm", "sd15"], default="ddpm")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (small UNet, 1 repeat, no peers)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layer-batches", type=int, nargs="*", default=[16, 64])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
     p.add_argument("--sampling-steps", type=int, default=50, help="0 skips the sampling loop")
+    p.add_argument("--sd15-batch", type=int, default=2, help="UNet batch of --model sd15 (2: one image with CFG)")
     p.add_argument("--no-peers", action="store_true", help="skip PT2E and OpenVINO")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.model == "sd15":
+        return run_sd15(a)
     from diffusers import UNet2DModel
-
-    import tgpq.backends.library  # noqa: F401
 
     cfg = QUICK_CONFIG if a.quick else DDPM_CONFIG
     if a.quick:
@@ -481,8 +417,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     unet = UNet2DModel(**cfg).eval()
     res = {"system": system_info(), "config": "quick" if a.quick else "ddpm_cifar10", "skipped": {}}
-    res["peak"] = int8_peak(max(2, a.repeats))
-    res["layers"] = [] if a.skip_layers else bench_layers(unet, a.layer_batches, a.repeats, size)
+    res["ceilings"] = ceilings(0.1 if a.quick else 0.3, 1 if a.quick else 5)
+    res["layers"] = [] if a.skip_layers else bench_layers(unet, a.layer_batches, a.repeats, size, res["ceilings"])
+    if res["layers"]:  # the best of before and after; the shares follow
+        res["ceilings"] = ceilings(0.1 if a.quick else 0.3, 1 if a.quick else 5, res["ceilings"])
+        for r in res["layers"]:
+            r["pct_of_ceiling"] = {k: 100 * r["gmacs"][k] / res["ceilings"][c] for k, c in CEILING_OF.items()
+                                   if k in r["gmacs"]}
+    res["memory_passes"] = memory_passes(unet, 2 if a.quick else 16, size, max(3, a.repeats))
     res["end_to_end"] = []
     write_report(res, a.out)  # partial results survive an interrupted run
     contenders = build_contenders(unet, size, max(a.batches), not a.no_peers, res["skipped"])

@@ -161,6 +161,13 @@ def train(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     ema = EMA(model, args.ema_decay)
     step, images_seen = 0, 0
+    if state is None and args.init_from:  # an exported model continues its counts (its header records them)
+        from safetensors import safe_open
+
+        with safe_open(args.init_from, framework="pt") as f:
+            meta = f.metadata() or {}
+        step, images_seen = int(meta.get("step", 0)), int(meta.get("images_seen", 0))
+        print(f"continuing the exported model's counts: step {step}, {images_seen} images", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     perm, perm_pos = None, 0
     if state is not None:

@@ -34,7 +34,7 @@ def test_quick_writes_json_markdown_png(quick):
     res, out = quick
     assert {p.name for p in out.iterdir()} >= {"bench_cpu.json", "bench_cpu.md", "bench_cpu.png"}
     saved = json.loads((out / "bench_cpu.json").read_text())
-    assert saved["config"] == "quick" and saved["peak"]["isa"] in ("avx512vnni", "avx2", "scalar")
+    assert saved["config"] == "quick" and saved["ceilings"]["isa"] in ("avx512vnni", "avx2", "scalar")
     md = (out / "bench_cpu.md").read_text()
     assert "End to end" in md and "tgpq_w8a8" in md and "Where tgpq W8A8 spends its time" in md
 

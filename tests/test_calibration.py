@@ -61,14 +61,51 @@ def test_collect_shapes_balance_and_disjoint(calib):
     assert kept.numel() == NUM_STEPS // INTERVAL
     assert calib.x.shape == (TRAJ * kept.numel(), 3, 16, 16) and calib.x.dtype == torch.float32
     assert calib.t.dtype == torch.int64 and set(calib.t.tolist()) == set(kept.tolist())
-    # every kept timestep has the same count in both sets
+    # every kept timestep has the same count in both sets; 10 kept steps in 5 groups -> 2 per group,
+    # so 4 validation trajectories give the minimum of 8 validation samples per group
     for t in kept.tolist():
         assert int((calib.t == t).sum()) == TRAJ
-        assert int((calib.val_t == t).sum()) == 1
+        assert int((calib.val_t == t).sum()) == 4
     # validation trajectories come from other seeds: no validation input equals a training input
     d = torch.cdist(calib.val_x.flatten(1), calib.x.flatten(1))
     assert float(d.min()) > 1e-3
     assert bool(torch.isfinite(calib.x).all())
+
+
+def test_validation_trajectories_give_8_per_group():
+    """collect_calibration's validation size: val_fraction of the trajectories, but at least 8 samples in
+    every one of the 5 timestep groups (the documented defaults: 100-step DDIM, every 5th step kept)."""
+    from diffusers import DDIMScheduler
+
+    from tgpq.calibration.collect import validation_trajectories
+    from tgpq.nn.routing import timestep_groups_from_calibration
+
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    for steps, interval in ((100, 5), (50, 5), (20, 2), (100, 10)):
+        sched.set_timesteps(steps)
+        kept = sched.timesteps[::interval]
+        table = timestep_groups_from_calibration(kept, 5)
+        per_group_steps = torch.bincount(table[kept], minlength=5)
+        for traj in (1, 4, 16, 64, 256):
+            n_val = validation_trajectories(traj, 0.05, kept, 5, 8)
+            assert int(per_group_steps.min()) * n_val >= 8
+            assert n_val >= round(0.05 * traj)
+    sched.set_timesteps(100)
+    kept = sched.timesteps[::5]
+    assert validation_trajectories(16, 0.05, kept, 5, 8) == 2  # 20 kept steps: 4 per group x 2 = 8
+    assert validation_trajectories(256, 0.05, kept, 5, 8) == 13  # the paper's 5 % decides
+    assert validation_trajectories(16, 0.0, kept, 5, 8) == 0
+
+
+def test_gac_with_zero_logit_steps_is_uniform(unet, calib):
+    """gac and uniform share one code path: with lr_sample_logits = 0 the weights stay uniform and gac's
+    refreshes draw nothing from the mini-batch generator, so the result is uniform's, bit for bit."""
+    u = calibrate(unet, calib, _cfg("uniform", iters=8), progress=False)
+    g = calibrate(unet, calib, _cfg("gac", iters=8, lr_sample_logits=0.0), progress=False)
+    assert all(len(r) == 3 for r in g.meta["gac"].values())  # refreshes at 2, 4, 6
+    for name, lq in u.layers.items():
+        assert torch.equal(lq.weight_q, g.layers[name].weight_q), name
+        assert torch.equal(lq.act_scale, g.layers[name].act_scale), name
 
 
 def test_uniform_lowers_every_block_mse_below_rtn(unet, calib):
@@ -112,8 +149,10 @@ def test_gac_weights_learned_nonnegative_normalised(calib, gac_state):
         assert bool((w >= 0).all())
         assert abs(float(w.sum()) - 1) < 1e-5
         last = w
-    # moved away from uniform (Adam steps of lr 0.1 on the logits)
+    # moved away from uniform (normalised logit steps of RMS 0.5 at each refresh)
     assert float((last * n - 1).abs().max()) > 0.05
+    for b, recs in q.meta["gac"].items():
+        assert [r["iteration"] for r in recs] == [1, 2, 3], b  # iters 4: refreshes every iters // 4
     for m in q.block_mse.values():
         assert m["final"] > 0 and m["rtn"] > 0
 
@@ -250,6 +289,10 @@ def test_error_collect_bad_arguments(unet):
     with pytest.raises(ValueError, match="not both"):
         collect_calibration(unet, DDIMScheduler(), 1, class_labels=torch.tensor([1]),
                             encoder_hidden_states=torch.randn(1, 2, 3))
+    with pytest.raises(ValueError, match="min_val_per_group"):
+        collect_calibration(unet, DDIMScheduler(), 1, min_val_per_group=-1)
+    with pytest.raises(ValueError, match="num_groups"):
+        collect_calibration(unet, DDIMScheduler(), 1, num_groups=0)
 
 
 def test_not_modified(calib):

@@ -133,6 +133,25 @@ def test_save_load_roundtrip(unet_and_qstate, tmp_path):
         assert torch.equal(v, r.state_dict()[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_save_load_keeps_a_half_precision_unet_in_its_dtype(unet_and_qstate, tmp_path, dtype):
+    """The float layers of a bf16 / fp16 UNet load in the file's dtype (not the config's float32), so the loaded
+    model runs and computes what the saved one did."""
+    import copy
+
+    unet, qs = unet_and_qstate
+    q = tgpq.convert(copy.deepcopy(unet).to(dtype), qs, backend="reference")
+    path = tmp_path / "q.safetensors"
+    tgpq.save(q, path)
+    r = tgpq.load(path, backend="reference")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)).to(dtype)
+    with torch.no_grad():
+        a = q(x, 300).sample
+        assert a.dtype == dtype and torch.equal(a, r(x, 300).sample)
+    for k, v in q.state_dict().items():
+        assert v.dtype == r.state_dict()[k].dtype and torch.equal(v, r.state_dict()[k]), k
+
+
 def _tamper(path, offset_from_end=10):
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF

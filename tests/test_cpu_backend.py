@@ -294,3 +294,109 @@ def test_fused_unet_matches_unfused_cpu_and_reference(qunet):
     # loosely here, and check every layer tightly on the inputs it sees inside the model below
     assert (yc - yr).pow(2).mean().sqrt() <= 0.05 * yr.pow(2).mean().sqrt()
 
+
+
+# ------------------------------------------------------------------------ oneDNN as a kernel family
+def _seven_bit_layers(gen):
+    """A conv and a linear with weights in [-63, 63]: oneDNN's u8 x s8 products are exact on every ISA."""
+    from tgpq.nn import QConv2d, QLinear
+    from tgpq.recipe import LayerQState
+
+    out = []
+    for fl in (torch.nn.Conv2d(24, 40, 3, padding=1, stride=2), torch.nn.Linear(48, 20)):
+        wq = torch.randint(-63, 64, fl.weight.shape, generator=gen, dtype=torch.int8)
+        s = torch.rand(fl.weight.shape[0], generator=gen) * 0.01 + 1e-3
+        cls = QConv2d if isinstance(fl, torch.nn.Conv2d) else QLinear
+        layer = cls.from_float(fl, LayerQState(wq, s, torch.tensor([0.04, 0.02])), 8)
+        layer.backend = "cpu"
+        out.append(layer)
+    return out
+
+
+@pytest.mark.skipif(not __import__("tgpq.backends.onednn", fromlist=["x"]).available(), reason="no oneDNN int8 ops")
+def test_onednn_kernel_family_matches_the_microkernels():
+    """Forced oneDNN (7-bit weights: exact on AVX2 too) against tgpq's microkernels, conv and linear, both
+    groups, the fused extras (row_bias / residual) and the u8 entry; NaN inputs fall back and propagate."""
+    gen = torch.Generator().manual_seed(11)
+    conv, lin = _seven_bit_layers(gen)
+    x = torch.randn(3, 24, 11, 11, generator=gen).contiguous(memory_format=torch.channels_last) * 2
+    xl = torch.randn(2, 5, 48, generator=gen)
+    rb = torch.randn(3, 40, generator=gen)
+    res = torch.randn(3, 40, 6, 6, generator=gen)
+    with torch.no_grad():
+        for g in (0, 1):
+            conv.set_group(g)
+            lin.set_group(g)
+            outs = {}
+            for mode in ("ukernel", "onednn"):
+                with cb.force_kernel(mode):
+                    xq = cb.quantize_nhwc(conv, x)
+                    outs[mode] = (conv(x), cb.conv2d(conv, x, rb, res), cb.conv2d_u8(conv, xq, rb, res), lin(xl))
+            for a, b in zip(outs["ukernel"], outs["onednn"]):
+                assert a.shape == b.shape
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max())), float((a - b).abs().max())
+        xn = x.clone()
+        xn[1, 3, 4, 4] = float("nan")
+        with cb.force_kernel("onednn"):
+            y = conv(xn)
+        assert torch.isnan(y[1]).any() and not torch.isnan(y[0]).any()
+
+
+def test_auto_keeps_the_microkernels_where_onednn_is_inexact():
+    if "avx512vnni" in cb.supported_isas():
+        pytest.skip("this CPU has VNNI: auto measures both kernel families")
+    gen = torch.Generator().manual_seed(12)
+    conv, _ = _seven_bit_layers(gen)
+    with cb.force_kernel("auto"), torch.no_grad():
+        conv(torch.randn(1, 24, 9, 9, generator=gen))
+    served = cb.served_by(conv)
+    assert served and all(v == "ukernel" for v in served.values())
+
+
+def test_groupnorm_statistics_hold_for_large_offsets():
+    """One-pass statistics (shifted by a pilot value) against float64 GroupNorm when mean >> std (2000x)."""
+    gen = torch.Generator().manual_seed(13)
+    gn = torch.nn.GroupNorm(8, 64, eps=1e-6)
+    conv = torch.nn.Conv2d(64, 8, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
+    layer.a_scale.fill_(4.0 / 127)
+    x = (1000 + 0.5 * torch.randn(2, 64, 13, 11, generator=gen)).contiguous(memory_format=torch.channels_last)
+    ref = quantize_act(F.silu(gn.double()(x.double())).float(), layer.a_scale[0]).permute(0, 2, 3, 1).to(torch.int32) + 128
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            q = cb.groupnorm_silu_quantize(gn, x, layer).to(torch.int32)
+        diff = (q - ref).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-2, (isa, diff.max(), diff.float().mean())
+
+
+def test_a_channel_slice_is_quantized_in_place_like_its_copy():
+    """A split conv's branch is a channel slice of a channels_last concatenation: read without a copy."""
+    gen = torch.Generator().manual_seed(14)
+    conv = torch.nn.Conv2d(96, 8, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
+    x = torch.randn(2, 160, 7, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    _, branch = torch.split(x, [64, 96], dim=1)
+    assert not branch.is_contiguous(memory_format=torch.channels_last)
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            assert torch.equal(cb.quantize_nhwc(layer, branch),
+                               cb.quantize_nhwc(layer, branch.contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("shape_fn", [
+    lambda x: x[:, :, None, None],                          # [M, K] as [M, K, 1, 1] (the linear's entry)
+    lambda x: x.t()[None, :, :, None],                      # [1, K, M, 1]: pixel rows along H
+    lambda x: x.t().contiguous()[None, :, :, None],         # [1, K, M, 1] channels-first: copied
+    lambda x: x[:1, :, None, None],                         # one pixel
+])
+def test_quantize_nhwc_reads_views_with_size_one_dimensions_correctly(shape_fn):
+    """Strides of size-1 dimensions do not describe the layout: every view equals its dense copy."""
+    gen = torch.Generator().manual_seed(15)
+    conv = torch.nn.Conv2d(48, 8, 1)
+    layer = QConv2d.from_float(conv, _lq(conv.weight, 8, 1, gen), 8)
+    x = shape_fn(torch.randn(10, 48, generator=gen) * 2)
+    assert x.shape[1] == 48
+    for isa in ISAS:
+        with cb.force_isa(isa):
+            assert torch.equal(cb.quantize_nhwc(layer, x),
+                               cb.quantize_nhwc(layer, x.clone(memory_format=torch.contiguous_format)))

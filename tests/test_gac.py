@@ -1,15 +1,19 @@
-"""Gradient-aligned sample weights: the look-ahead identity and the torch.func outer gradient.
+"""Gradient-aligned sample weights: the math of gac.py against plain autograd, and its behaviour.
 
-Everything runs in float64 on one small diffusers ResnetBlock2D whose convolutions are QuantLayers
-(AdaRound soft weights, per-group LSQ activation step sizes), on fresh random inputs.
+The math tests run in float64 on one small diffusers ResnetBlock2D whose convolutions are
+QuantLayers (AdaRound soft weights, per-group LSQ activation step sizes), on fresh random inputs.
 """
+import itertools
+
 import pytest
 import torch
 
-from tgpq import numerics
+from tgpq import QuantConfig, numerics
+from tgpq.calibration.capture import UnitData
 from tgpq.calibration.fake_quant import GroupContext, QuantLayer
-from tgpq.calibration.gac import (make_block_loss, outer_objective, per_sample_sq_error, sample_logit_step,
-                                  weights_from_logits)
+from tgpq.calibration.gac import (gradient_matching, group_grads, influence, logit_space_grads, lookahead,
+                                  mirror_step, outer_terms, per_sample_grads, per_sample_losses, per_sample_sq_error,
+                                  theta_of, weights_from_logits)
 
 G = 3
 
@@ -42,129 +46,207 @@ def _quant_resnet(seed=0, act_quant=True):
     blk = blk.double()
     for p in blk.parameters():
         p.requires_grad_(False)
-    names = ("alpha", "act_scale") if act_quant else ("alpha",)
-    theta = {n: p.detach().clone() for n, p in blk.named_parameters() if n.endswith(names)}
-    return blk, ctx, theta
+    return blk, ctx
 
 
-def _data(b, seed):
+def _unit_data(b, seed):
+    """A ``UnitData`` of ``b`` random (x, temb) inputs with targets near x, and a group per sample."""
+    from torch.utils import _pytree as pytree
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 8, 6, 6, generator=g, dtype=torch.float64)
     temb = torch.randn(b, 16, generator=g, dtype=torch.float64)
     target = torch.randn(b, 8, 6, 6, generator=g, dtype=torch.float64) * 0.1 + x
-    groups = torch.randint(0, G, (b,), generator=g)
-    return ((x, temb), {}), target, groups
+    groups = torch.arange(b) % G
+    leaves, treedef = pytree.tree_flatten(((x, temb), {}))
+    return UnitData(treedef, leaves, [True, True], target), groups
 
 
-def _loss_fns(blk, ctx):
-    tr_in, tr_tgt, tr_g = _data(6, 1)
-    va_in, va_tgt, va_g = _data(5, 2)
-    train_fn = make_block_loss(blk, ctx, tr_in, tr_tgt, tr_g, lambda o: o)
-    val_fn = make_block_loss(blk, ctx, va_in, va_tgt, va_g, lambda o: o)
-    return train_fn, val_fn
+def _loss_fn(blk, ctx, data, groups):
+    """``theta -> [n]`` per-sample losses by plain autograd (the oracle)."""
+    from torch.func import functional_call
 
+    idx = torch.arange(len(data))
+    args, kwargs = data.inputs(idx)
 
-def _autograd_dLdw(train_fn, val_fn, theta, w, eta):
-    """dL_V(theta')/dw by plain autograd, theta' = theta - eta * grad sum_i w_i l_i(theta)."""
-    w = w.clone().requires_grad_(True)
-    th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    inner = (w * train_fn(th)).sum()
-    grads = torch.autograd.grad(inner, list(th.values()), create_graph=True)
-    th_star = {k: th[k] - eta * g for k, g in zip(th, grads)}
-    lv = val_fn(th_star).mean()
-    return torch.autograd.grad(lv, w)[0], th_star
+    def fn(theta):
+        ctx.group = groups
+        return per_sample_sq_error(functional_call(blk, theta, args, kwargs), data.target(idx))
+    return fn
 
 
 def _flat_grad(fn, theta):
     th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    out = fn(th)
-    return torch.cat([g.flatten() for g in torch.autograd.grad(out, list(th.values()))])
+    return torch.autograd.grad(fn(th), list(th.values()))
 
 
-def _per_sample_grads(train_fn, theta, n):
-    return torch.stack([_flat_grad(lambda th, i=i: train_fn(th)[i], theta) for i in range(n)])
+def test_per_sample_grads_match_autograd():
+    """vmap(grad) per-sample gradients (alpha and step sizes) equal one backward per sample."""
+    blk, ctx = _quant_resnet()
+    data, groups = _unit_data(6, 1)
+    theta = {k: v.detach() for k, v in theta_of(blk, True).items()}
+    losses, J = per_sample_grads(blk, ctx, data, torch.arange(6), groups, theta, lambda o: o, chunk=4)
+    fn = _loss_fn(blk, ctx, data, groups)
+    torch.testing.assert_close(losses, fn(theta), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(per_sample_losses(blk, ctx, data, torch.arange(6), groups, theta, lambda o: o), losses)
+    for i in range(6):
+        ref = _flat_grad(lambda th, i=i: fn(th)[i], theta)
+        for k, r in zip(theta, ref):
+            torch.testing.assert_close(J[k][i], r, rtol=1e-10, atol=1e-12)
+    assert any(float(J[k].abs().max()) > 0 for k in J if k.endswith("act_scale"))
 
 
-def test_lookahead_weight_gradient_identity():
-    """dL_V(theta')/dw_i = -eta <grad l_i(theta), grad L_V(theta')> against autograd.
+def test_group_grads_match_autograd():
+    blk, ctx = _quant_resnet(seed=2)
+    data, groups = _unit_data(7, 3)
+    theta = {k: v.detach() for k, v in theta_of(blk, True).items()}
+    L, V = group_grads(blk, ctx, data, groups, [0, 2], theta, lambda o: o, chunk=2)
+    fn = _loss_fn(blk, ctx, data, groups)
+    for j, t in enumerate((0, 2)):
+        m = groups == t
+        torch.testing.assert_close(L[j], fn(theta)[m].mean(), rtol=1e-12, atol=0)
+        ref = _flat_grad(lambda th: fn(th)[m].mean(), theta)
+        for k, r in zip(theta, ref):
+            torch.testing.assert_close(V[k][j], r, rtol=1e-10, atol=1e-12)
 
-    theta' is linear in w, so the identity is the chain rule itself: exact up to float64 round-off
-    (relative error ~1e-12 here; we allow 1e-8). It holds for the STE gradients too, since both
-    sides use the same first derivatives of l.
-    """
-    blk, ctx, theta = _quant_resnet()
-    train_fn, val_fn = _loss_fns(blk, ctx)
-    eta = 1e-3
+
+def test_lookahead_is_the_gradient_part_of_adams_next_step():
+    """theta* - theta is the w-dependent part of torch.optim.Adam's next step, with Adam's second moment
+    replaced by E[gB^2] (here batch_size >= n, so E[gB^2] = g^2, and v set to g^2 to compare), and
+    theta - theta* = P * g; no element moves further than lr (1 - beta1) / (1 - beta1^(t+1))."""
+    torch.manual_seed(0)
+    n, theta = 5, {"a": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(6, dtype=torch.float64)}
+    J = {"a": torch.randn(n, 3, 4, dtype=torch.float64), "b": torch.randn(n, 6, dtype=torch.float64)}
+    w = torch.softmax(torch.randn(n, dtype=torch.float64), 0)
+    g = {k: torch.tensordot(w, J[k], dims=1) for k in J}
+    p = torch.nn.Parameter(theta["a"].clone())
+    opt = torch.optim.Adam([p], lr=0.03, eps=0.0)
+    for _ in range(4):  # some history
+        p.grad = torch.randn_like(p)
+        opt.step()
+    st = opt.state[p]
+    t = int(st["step"])
+    # Adam's next step with gradient g, split into its momentum part and its gradient part
+    st["exp_avg_sq"].copy_(g["a"] ** 2 * (1 - 0.999 ** (t + 1)) / 1.0)  # so that v_hat after the step = g^2 ...
+    st["exp_avg_sq"].sub_(g["a"] ** 2 * (1 - 0.999)).div_(0.999)          # ... exactly
+    before = p.detach().clone()
+    m_part = 0.03 * (0.9 * st["exp_avg"] / (1 - 0.9 ** (t + 1))) / g["a"].abs()
+    p.grad = g["a"].clone()
+    opt.step()
+    star, P = lookahead(theta | {"a": before}, J, w, {"a": 0.03, "b": 1e-3}, batch_size=n,
+                        adam_steps={"a": (t, 0.9)})
+    torch.testing.assert_close(before - star["a"], (before - p.detach()) - m_part, rtol=1e-9, atol=1e-12)
+    bound = 0.03 * 0.1 / (1 - 0.9 ** (t + 1))
+    assert float((before - star["a"]).abs().max()) <= bound + 1e-12
+    assert float((theta["b"] - star["b"]).abs().max()) <= 1e-3 + 1e-12  # no history: a first step
+    for k in theta:
+        torch.testing.assert_close((before if k == "a" else theta[k]) - star[k], P[k] * g[k])
+    # with a mini-batch of 2 of 5 the normaliser is larger where the samples disagree: smaller steps
+    star2, _ = lookahead(theta, J, w, {"a": 0.03, "b": 1e-3}, batch_size=2)
+    assert bool(((theta["b"] - star2["b"]).abs() <= (theta["b"] - star["b"]).abs() + 1e-15).all())
+    assert torch.equal(lookahead(theta, J, w, {"a": 0.0, "b": 0.0}, 2)[0]["a"], theta["a"])
+
+
+def test_influence_is_the_weight_gradient_of_the_lookahead():
+    """G[t, i] = -<P J_i, V_t> is exactly dL_t(theta - P g(w))/dw_i when V_t is taken at theta*
+    (chain rule through a look-ahead linear in w; float64, step sizes included)."""
+    blk, ctx = _quant_resnet(seed=5)
+    data, groups = _unit_data(6, 1)
+    vdata, vgroups = _unit_data(6, 2)
+    theta = {k: v.detach() for k, v in theta_of(blk, True).items()}
     w = torch.softmax(torch.randn(6, dtype=torch.float64), 0)
-    dLdw, th_star = _autograd_dLdw(train_fn, val_fn, theta, w, eta)
-    gl = _per_sample_grads(train_fn, theta, 6)
-    gv_star = _flat_grad(lambda th: val_fn(th).mean(), {k: v.detach() for k, v in th_star.items()})
-    formula = -eta * gl @ gv_star
-    assert dLdw.abs().max() > 0
-    torch.testing.assert_close(dLdw, formula, rtol=1e-8, atol=1e-14)
+    _, J = per_sample_grads(blk, ctx, data, torch.arange(6), groups, theta, lambda o: o)
+    lr = {k: (0.03 if k.endswith("alpha") else 1e-4) for k in theta}
+    star, P = lookahead(theta, J, w, lr, batch_size=2)
+    _, Vstar = group_grads(blk, ctx, vdata, vgroups, [0, 1, 2], star, lambda o: o)
+    Gx = influence(J, Vstar, P)
+    fn_t, fn_v = _loss_fn(blk, ctx, data, groups), _loss_fn(blk, ctx, vdata, vgroups)
+    for t in range(G):
+        wl = w.clone().requires_grad_(True)
+        th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        grads = torch.autograd.grad((wl * fn_t(th)).sum(), list(th.values()), create_graph=True)
+        th_star = {k: theta[k] - P[k] * g for k, g in zip(th, grads)}
+        ref = torch.autograd.grad(fn_v(th_star)[vgroups == t].mean(), wl)[0]
+        assert float(ref.abs().max()) > 0
+        torch.testing.assert_close(Gx[t], ref, rtol=1e-8, atol=1e-14)
 
 
-def test_lookahead_identity_first_order_in_eta():
-    """With grad L_V taken at theta instead of theta', the error is O(eta^2) in absolute terms:
-    shrinking eta by 10 shrinks the relative error by ~10 (we require > 5). Activation rounding is
-    off here: its straight-through gradient jumps when a step size change flips a rounding, which
-    would hide the smooth O(eta) behaviour (the exact identity above holds with it on)."""
-    blk, ctx, theta = _quant_resnet(seed=3, act_quant=False)
-    train_fn, val_fn = _loss_fns(blk, ctx)
+def test_first_order_influence_error_shrinks_with_the_step():
+    """gac uses V_t at theta (first order): the error against the exact weight gradient is O(step):
+    10x smaller look-ahead, >5x smaller relative error. Activation rounding is off here: its
+    straight-through gradient jumps when a step flips a rounding, which would hide the smooth O(step)
+    behaviour (the exact identity above holds with it on)."""
+    blk, ctx = _quant_resnet(seed=3, act_quant=False)
+    data, groups = _unit_data(6, 1)
+    vdata, vgroups = _unit_data(6, 2)
+    theta = {k: v.detach() for k, v in theta_of(blk, False).items()}
     w = torch.full((6,), 1 / 6, dtype=torch.float64)
-    gl = _per_sample_grads(train_fn, theta, 6)
-    gv0 = _flat_grad(lambda th: val_fn(th).mean(), theta)
+    _, J = per_sample_grads(blk, ctx, data, torch.arange(6), groups, theta, lambda o: o)
+    _, V0 = group_grads(blk, ctx, vdata, vgroups, [0, 1, 2], theta, lambda o: o)
     rel = []
-    for eta in (1e-4, 1e-5):
-        dLdw, _ = _autograd_dLdw(train_fn, val_fn, theta, w, eta)
-        approx = -eta * gl @ gv0
-        rel.append(float((dLdw - approx).norm() / dLdw.norm()))
-    assert rel[0] < 1e-1
+    for lr in (1e-2, 1e-3):
+        star, P = lookahead(theta, J, w, {k: lr for k in theta}, batch_size=6)
+        _, Vs = group_grads(blk, ctx, vdata, vgroups, [0, 1, 2], star, lambda o: o)
+        exact, approx = influence(J, Vs, P), influence(J, V0, P)
+        rel.append(float((exact - approx).norm() / exact.norm()))
+    assert rel[0] < 0.3
     assert rel[1] < rel[0] / 5
 
 
-def test_torch_func_G_matches_chain_rule():
-    """outer_objective's G_t (torch.func vjp) equals -eta * scale * <grad l_i(theta), grad L_t(theta*)>."""
-    blk, ctx, theta = _quant_resnet(seed=5)
-    train_fn, val_fn = _loss_fns(blk, ctx)
-    eta, scale = 1e-3, 2.0
-    w = torch.softmax(torch.randn(6, dtype=torch.float64), 0)
-    val_fns = [lambda th: val_fn(th)[:3].mean(), lambda th: val_fn(th)[3:].mean()]
-    _, aux = outer_objective(train_fn, val_fns, theta, w, scale, eta, gm_lambda=1.0)
-    for t, fn in enumerate(val_fns):
-        dLdw, _ = _autograd_dLdw(lambda th: scale * train_fn(th), fn, theta, w, eta)
-        torch.testing.assert_close(aux["G"][t], dLdw, rtol=1e-8, atol=1e-14)
+def test_matching_term_is_scale_free_and_does_not_vanish():
+    """Both terms of the logit update are unchanged when G is scaled (a smaller look-ahead scales G):
+    the matching term's share does not vanish with the step, unlike <G_t, G_k> on w (eta^2)."""
+    torch.manual_seed(1)
+    Gm = torch.randn(4, 30, dtype=torch.float64) + torch.randn(1, 30, dtype=torch.float64)
+    w = torch.softmax(torch.randn(30, dtype=torch.float64) * 0.3, 0)
+    a = outer_terms(Gm, w, tau=1.0, gm_lambda=1.0)
+    b = outer_terms(Gm * 1e-6, w, tau=1.0, gm_lambda=1.0)
+    torch.testing.assert_close(a.delta_val, b.delta_val)
+    torch.testing.assert_close(a.delta_gm, b.delta_gm)
+    assert float(a.delta_gm.norm()) > 0.05 * float(a.delta_val.norm())
+    assert float(outer_terms(Gm, w, 1.0, gm_lambda=0.0).delta_gm.abs().max()) == 0  # the ablation switch
 
 
-def test_outer_gradient_matches_autograd():
-    """The torch.func gradient of the outer loss w.r.t. the logits equals a plain-autograd
-    double-backward computation of the same objective (float64; rtol 1e-6 allows for the
-    different summation order of the two Hessian-vector paths)."""
-    blk, ctx, theta = _quant_resnet(seed=7)
-    train_fn, val_fn = _loss_fns(blk, ctx)
-    n_all, idx = 10, torch.tensor([1, 3, 4, 6, 8, 9])
-    eta, lam, tau = 1e-2, 1.0, 1.0
-    s = torch.randn(n_all, dtype=torch.float64) * 0.3
-    val_fns = [lambda th: val_fn(th)[:2].mean(), lambda th: val_fn(th)[2:4].mean(), lambda th: val_fn(th)[4:].mean()]
-    g_func, _ = sample_logit_step(s, idx, train_fn, val_fns, theta, tau, eta, lam)
+def test_gradient_matching_definition():
+    """GM = mean pairwise cosine of the logit-space gradients w * (G_t - <w, G_t>) / tau; at uniform
+    weights that is the mean Pearson correlation of the rows of G; its w-gradient is autograd's."""
+    torch.manual_seed(2)
+    Gm = torch.randn(3, 20, dtype=torch.float64)
+    u = torch.full((20,), 1 / 20, dtype=torch.float64)
+    corr = torch.corrcoef(Gm)
+    expect = torch.stack([corr[a, b] for a, b in itertools.combinations(range(3), 2)]).mean()
+    torch.testing.assert_close(gradient_matching(Gm, u, 1.0), expect)
+    w = torch.softmax(torch.randn(20, dtype=torch.float64), 0)
+    gam = logit_space_grads(Gm, w, 0.5)
+    s = torch.log(w).requires_grad_(True)
+    for t in range(3):  # Gamma_t is d(<softmax(s / tau), G_t>)/ds at s = tau * log w
+        ref = torch.autograd.grad((torch.softmax(s, 0) * Gm[t]).sum(), s)[0] / 0.5
+        torch.testing.assert_close(gam[t], ref)
+    terms = outer_terms(Gm, w, tau=0.5, gm_lambda=2.0)
+    wl = w.clone().requires_grad_(True)
+    d = -2.0 * torch.autograd.grad(gradient_matching(Gm, wl, 0.5), wl)[0]
+    torch.testing.assert_close(terms.delta_gm, d - (w * d).sum())
 
-    s_leaf = s.clone().requires_grad_(True)
-    w = torch.softmax(s_leaf / tau, 0)[idx]
-    th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    inner = (n_all / len(idx)) * (w * train_fn(th)).sum()
-    grads = torch.autograd.grad(inner, list(th.values()), create_graph=True)
-    th_star = {k: th[k] - eta * g for k, g in zip(th, grads)}
-    losses, Gs = [], []
-    for fn in val_fns:
-        L = fn(th_star)
-        gth = torch.autograd.grad(L, list(th_star.values()), create_graph=True)
-        Gs.append(torch.autograd.grad(list(th_star.values()), w, grad_outputs=list(gth), create_graph=True)[0])
-        losses.append(L)
-    gm = torch.stack([(Gs[a] * Gs[b]).sum() for a, b in [(0, 1), (0, 2), (1, 2)]]).mean()
-    outer = torch.stack(losses).sum() - lam * gm
-    g_ref = torch.autograd.grad(outer, s_leaf)[0]
-    assert g_ref.abs().max() > 0
-    torch.testing.assert_close(g_func, g_ref, rtol=1e-6, atol=1e-12)
+
+def test_logit_update_direction():
+    """Samples whose influence lowers every group's validation loss gain weight, others lose it."""
+    n = 12
+    helps = torch.arange(n) < 4
+    Gm = torch.where(helps, -1.0, 0.5).double().expand(3, n).clone() + 0.01 * torch.randn(3, n, dtype=torch.float64)
+    w = torch.full((n,), 1 / n, dtype=torch.float64)
+    terms = outer_terms(Gm, w, tau=1.0, gm_lambda=0.0)
+    s = mirror_step(torch.zeros(n), terms.delta_val, 0.5, clip=3.0)
+    assert bool((s[helps] > 0).all()) and bool((s[~helps] < 0).all())
+    assert abs(float(s.mean())) < 1e-6
+    assert abs(float(s.pow(2).mean().sqrt()) - 0.5) < 1e-6  # one step of RMS lr
+
+
+def test_mirror_step_clips_outliers():
+    d = torch.zeros(100, dtype=torch.float64)
+    d[0] = 1.0  # one outlier: delta / rms = 10
+    s = mirror_step(torch.zeros(100), d, 0.5, clip=3.0)
+    assert abs(float(s[0] - s[1]) + 1.5) < 1e-6
+    assert torch.equal(mirror_step(torch.ones(4), torch.zeros(4, dtype=torch.float64), 0.5, 3.0), torch.ones(4))
 
 
 def test_weights_from_logits_normalised():
@@ -179,3 +261,14 @@ def test_weights_from_logits_normalised():
 def test_per_sample_sq_error():
     a, b = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(per_sample_sq_error(a, b), ((a - b) ** 2).sum(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lookahead_lr_alpha", 0.0, "lookahead_lr_alpha"), ("lookahead_lr_act", -1e-5, "lookahead_lr_act"),
+    ("lr_sample_logits", -0.1, "lr_sample_logits"), ("weight_steps", 0, "weight_steps"),
+    ("weight_update_every", 0, "weight_update_every"), ("gm_lambda", -1.0, "gm_lambda"),
+    ("val_fraction", 1.0, "val_fraction"), ("tau", 0.0, "tau")])
+def test_config_rejects_bad_gac_fields(field, value, match):
+    with pytest.raises(ValueError, match=match) as e:
+        QuantConfig(**{field: value})
+    assert "\n" not in str(e.value)

@@ -328,8 +328,11 @@ try:
 except RuntimeError as e:
     print("ERROR:", e)
 '''
+    # run outside the checkout: from its root, transformers (imported by diffusers when installed) probes a
+    # top-level module named `kernels` (the Hugging Face package) and would import the repository's own
+    # `kernels/` folder, hence triton, through the current folder on sys.path
     r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "q.safetensors")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     msg = [line for line in r.stdout.splitlines() if line.startswith("ERROR:")]
     assert len(msg) == 1 and "tgpq[triton]" in msg[0]

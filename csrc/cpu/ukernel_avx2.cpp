@@ -216,6 +216,28 @@ TGPQ_AVX2 void quantize_u8_avx2(const float* x, int64_t n, float inv, uint8_t* o
   for (; i < n; ++i) out[i] = quantize_one_u8(x[i], inv);
 }
 
+TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum,
+                                    float* sumsq) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 p = _mm256_loadu_ps(pilot + c);
+    __m256 s = _mm256_loadu_ps(sum + c), q = _mm256_loadu_ps(sumsq + c);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * C + c), p);
+      s = _mm256_add_ps(s, d);
+      q = _mm256_fmadd_ps(d, d, q);
+    }
+    _mm256_storeu_ps(sum + c, s);
+    _mm256_storeu_ps(sumsq + c, q);
+  }
+  for (; c < C; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float d = x[r * C + c] - pilot[c];
+      sum[c] += d;
+      sumsq[c] = std::fma(d, d, sumsq[c]);
+    }
+}
+
 // One NHWC row of C channels: out = quant(silu?(x * A + B)). silu(v) = v / (1 + exp(-v)) with a
 // Cephes-style exp (relative error < 2e-7).
 TGPQ_AVX2 void norm_silu_quantize_row_avx2(const float* x, const float* A, const float* Bv, int64_t C, bool silu,

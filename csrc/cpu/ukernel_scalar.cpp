@@ -47,6 +47,15 @@ void widen_u8_s16_scalar(const uint8_t* src, int64_t n, int16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(src[i] - 128);
 }
 
+void norm_stats_rows_scalar(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = x[r * C + c] - pilot[c];
+      sum[c] += d;
+      sumsq[c] += d * d;
+    }
+}
+
 void norm_silu_quantize_row_scalar(const float* x, const float* A, const float* Bv, int64_t C, bool silu, float inv,
                                    uint8_t* out) {
   for (int64_t c = 0; c < C; ++c) {

@@ -119,21 +119,50 @@ struct ConvExtras {
   }
 };
 
+// The distance between consecutive pixels' channel vectors when x [B, C, H, W] stores every pixel's C values
+// contiguously at a uniform pixel stride >= C (channels_last, or a channel slice of it); -1 otherwise. Strides
+// of size-1 dimensions say nothing about the layout and are not read.
+int64_t pixel_stride(const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  if (C > 1 && x.stride(1) != 1) return -1;
+  int64_t ps = -1, span = 1;  // span: pixels covered by the dimensions checked so far
+  for (int d : {3, 2, 0}) {
+    if (x.size(d) == 1) continue;
+    if (ps < 0) ps = x.stride(d);
+    if (x.stride(d) != ps * span) return -1;
+    span *= x.size(d);
+  }
+  if (ps < 0) return C;  // a single pixel
+  return ps >= C ? ps : -1;
+}
+
 at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index,
                              int64_t isa_id) {
   check_cpu_float_input(x);
   TORCH_CHECK(x.dim() == 4, "quantize_nhwc_u8: expected [B, C, H, W], got ", x.dim(), " dims");
   const Isa isa = resolve_isa(isa_id);
   const float inv = 1.0f / act_scale(a_scale, group_index);
-  // channels_last float32 input: a flat pass; anything else is brought there first.
-  auto xf = x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // float32 channels_last, or a channel slice of it (a split conv's branch of a concatenation): pixel p's C
+  // values are contiguous at p * ps and are read in place; anything else is brought to channels_last first.
+  auto xf = x.to(at::kFloat);
+  int64_t ps = pixel_stride(xf);
+  if (ps < 0) {
+    xf = xf.contiguous(at::MemoryFormat::ChannelsLast);
+    ps = C;
+  }
   auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
   const float* src = xf.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, xf.numel(), 1 << 15, [&](int64_t b, int64_t e) {
-    cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
-  });
+  if (ps == C) {  // dense: one flat pass
+    at::parallel_for(0, B * H * W * C, 1 << 15, [&](int64_t b, int64_t e) {
+      cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
+    });
+  } else {
+    at::parallel_for(0, B * H * W, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) cpu::quantize_u8(src + p * ps, C, inv, dst + p * C, isa);
+    });
+  }
   return out;
 }
 

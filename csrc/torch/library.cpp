@@ -9,12 +9,47 @@
 // 1 avx2, 2 avx512vnni), the GEMM variant on CUDA (0 tl.dot, 1 Gluon wgmma).
 #include <torch/library.h>
 
+#include <thread>
+#include <vector>
+
 #include "cpu/isa.h"
+#include "cpu/peak.h"
+#include "op_args.h"
 
 namespace tgpq {
 namespace {
 
 int64_t cpu_best_isa() { return static_cast<int64_t>(cpu::best_isa()); }
+
+// Runs `probe` on `threads` threads at once (std::thread, so each lands on its own core) and sums the rates.
+template <typename Probe>
+double on_threads(int64_t threads, Probe probe) {
+  TORCH_CHECK(threads >= 1, "threads must be >= 1");
+  std::vector<double> rate(threads, 0.0);
+  std::vector<std::thread> pool;
+  for (int64_t i = 0; i < threads; ++i) pool.emplace_back([&, i] { rate[i] = probe(); });
+  for (auto& t : pool) t.join();
+  double sum = 0.0;
+  for (double r : rate) sum += r;
+  return sum;
+}
+
+double cpu_fp32_peak(int64_t isa, double seconds, int64_t threads) {
+  const cpu::Isa i = resolve_isa(isa);
+  return on_threads(threads, [&] { return cpu::fp32_fma_peak_gmacs(i, seconds); });
+}
+
+double cpu_int8_instruction_peak(int64_t isa, int64_t bits, double seconds, int64_t threads) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const cpu::Isa i = resolve_isa(isa);
+  return on_threads(threads, [&] { return cpu::int8_instruction_peak_gmacs(i, static_cast<int>(bits), seconds); });
+}
+
+double cpu_ukernel_peak(int64_t isa, int64_t bits, double seconds, int64_t threads) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const cpu::Isa i = resolve_isa(isa);
+  return on_threads(threads, [&] { return cpu::ukernel_peak_gmacs(i, static_cast<int>(bits), seconds); });
+}
 bool cpu_isa_supported(int64_t isa) { return isa >= 0 && isa <= 2 && cpu::isa_supported(static_cast<cpu::Isa>(isa)); }
 
 }  // namespace
@@ -42,9 +77,13 @@ TORCH_LIBRARY(tgpq, m) {
   m.def(
       "groupnorm_silu_quantize(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
       "Tensor a_scale, Tensor group_index, int isa) -> Tensor");
-  // what this CPU can run
+  // what this CPU can run, and its ceilings (GMAC/s summed over `threads` threads, each for `seconds`)
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
   m.def("cpu_isa_supported(int isa) -> bool", &cpu_isa_supported);
+  m.def("cpu_fp32_peak(int isa, float seconds, int threads) -> float", &cpu_fp32_peak);
+  m.def("cpu_ukernel_peak(int isa, int bits, float seconds, int threads) -> float", &cpu_ukernel_peak);
+  m.def("cpu_int8_instruction_peak(int isa, int bits, float seconds, int threads) -> float",
+        &cpu_int8_instruction_peak);
 }
 
 }  // namespace tgpq

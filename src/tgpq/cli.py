@@ -1,4 +1,4 @@
-"""The ``tgpq`` command line: demo, calibrate, sample, evaluate, bench, info.
+"""The ``tgpq`` command line: demo, calibrate, quantize, sample, evaluate, bench, info.
 
 Errors a user can cause (bad paths, bad bit specs, bad settings, corrupt files, unwritable outputs) print
 one line ``tgpq: error: ...`` and exit with status 2; no traceback. Outputs are checked before the work.
@@ -52,13 +52,97 @@ def _cmd_calibrate(a):
     print(f"saved {a.out}")
 
 
+SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
+              "euler": "EulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+
+
+def _read_prompts(path: str) -> list[str]:
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({e})") from None
+    if not prompts:
+        raise ValueError(f"--prompts {path}: holds no prompt (one prompt a line)")
+    return prompts
+
+
+def _cmd_quantize(a):
+    import inspect
+    import os
+
+    from .recipe import QuantConfig, parse_bits
+    from .unet.pipeline import is_pipeline, quantize
+    from .unet.pretrained import check_output_folder, load_float_folder, save_pretrained
+
+    wb, ab = parse_bits(a.bits)
+    cfg = QuantConfig(weight_bits=wb, act_bits=ab, method=a.method, iters=a.iters, seed=a.seed)
+    for name in ("trajectories", "steps", "batch_size"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if (a.interval is not None and a.interval < 1) or (a.val_trajectories is not None and a.val_trajectories < 0):
+        raise ValueError("--interval must be positive and --val-trajectories >= 0")
+    if os.path.abspath(a.out) == os.path.abspath(a.model):
+        raise ValueError(f"--out {a.out}: is the model folder; write the quantized model elsewhere")
+    check_output_folder(a.out)
+    if a.checkpoint:
+        _check_checkpoint_folder(a.checkpoint)
+    prompts = _read_prompts(a.prompts) if a.prompts else None
+    model = load_float_folder(a.model)
+    kw = dict(num_inference_steps=a.steps, num_trajectories=a.trajectories, interval=a.interval, seed=a.seed,
+              batch_size=a.batch_size, num_val_trajectories=a.val_trajectories, checkpoint_path=a.checkpoint or None)
+    if is_pipeline(model):
+        if a.scheduler:
+            raise ValueError("--scheduler is for a UNet folder: a pipeline samples with its own scheduler")
+        takes = inspect.signature(model.__call__).parameters
+        if "prompt" in takes and prompts is None:
+            raise ValueError(f"{a.model}: a text-to-image pipeline: pass --prompts FILE (one prompt a line)")
+        if "prompt" not in takes and (prompts is not None or a.guidance_scale is not None):
+            raise ValueError(f"{a.model}: {type(model).__name__} takes no prompts: drop --prompts / --guidance-scale")
+        for name in ("height", "width"):
+            if getattr(a, name) is not None:
+                kw[name] = getattr(a, name)
+        q = quantize(model, cfg, prompts=prompts, guidance_scale=a.guidance_scale, **kw)
+    else:
+        if prompts is not None or a.guidance_scale is not None:
+            raise ValueError(f"{a.model}: a UNet folder samples without prompts; quantize its pipeline folder to "
+                             f"calibrate on prompts")
+        if getattr(model.config, "cross_attention_dim", None) is not None:
+            raise ValueError(f"{a.model}: a text-conditioned UNet needs its text encoder: quantize the pipeline "
+                             f"folder (model_index.json) with --prompts")
+        import diffusers
+
+        sched = getattr(diffusers, SCHEDULERS[a.scheduler or "ddim"])(num_train_timesteps=1000)
+        q = quantize(model, cfg, scheduler=sched, **kw)
+    save_pretrained(q, a.out)
+    print(f"saved {a.out}")
+
+
 def _load_any(spec: str):
+    import json
+    import os
+
     from .unet import load_unet
 
     if spec.endswith(".safetensors"):
         from .unet import load
 
         return load(spec)
+    cfg = os.path.join(spec, "config.json")
+    if os.path.isfile(cfg):
+        try:
+            with open(cfg) as f:
+                quantized = "quantization_config" in json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        if quantized:  # a folder written by tgpq.save_pretrained
+            from .unet import from_pretrained
+
+            return from_pretrained(spec)
     return load_unet(spec)
 
 
@@ -130,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default=None, help="resume file for block-by-block progress")
     c.add_argument("--out", required=True, help="output .safetensors")
     c.set_defaults(func=_cmd_calibrate)
+
+    q = sub.add_parser("quantize", help="quantize a diffusers pipeline or UNet folder into a diffusers-style folder")
+    q.add_argument("--model", required=True, help="a float diffusers pipeline folder (model_index.json) or UNet folder")
+    q.add_argument("--bits", default="W8A8", help="W8A8 or W4A8")
+    q.add_argument("--method", default="gac", choices=["gac", "uniform", "rtn"])
+    q.add_argument("--out", required=True, help="output folder (tgpq.from_pretrained reads it)")
+    q.add_argument("--prompts", default=None, help="text file, one calibration prompt a line (text-to-image pipelines)")
+    q.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    q.add_argument("--steps", type=int, default=50, help="sampling steps of each calibration run")
+    q.add_argument("--trajectories", type=int, default=16, help="calibration runs (images)")
+    q.add_argument("--val-trajectories", type=int, default=None,
+                   help="validation runs (default: enough for 8 samples in every timestep group)")
+    q.add_argument("--interval", type=int, default=None, help="keep every N-th UNet call (default: about 20 kept)")
+    q.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    q.add_argument("--height", type=int, default=None)
+    q.add_argument("--width", type=int, default=None)
+    q.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="for a UNet folder only (default ddim); a pipeline uses its own")
+    q.add_argument("--iters", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--checkpoint", default=None, help="resume folder for block-by-block progress")
+    q.set_defaults(func=_cmd_quantize)
 
     s = sub.add_parser("sample", help="sample an image grid from a float or quantized model")
     s.add_argument("--model", default="reference", help="'reference', a diffusers folder, or a tgpq .safetensors")

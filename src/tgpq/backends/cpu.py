@@ -13,23 +13,33 @@ in registers.
 
 ISA paths: ``avx512vnni`` (vpdpbusd, 4x64 tiles), ``avx2`` and ``scalar``. The path is chosen once, at
 first use: ``TGPQ_CPU_ISA=<name>`` if set, else the best this CPU supports; ``set_isa(name)`` /
-``force_isa(name)`` change it for every later call. Convolutions return channels_last float32 (the
+``force_isa(name)`` change it for every later call.
+
+Kernel family per layer (``kernel_for``): tgpq's microkernels (``"ukernel"``) or oneDNN's int8 conv /
+linear (``"onednn"``, ``tgpq.backends.onednn``). ``TGPQ_CPU_KERNEL`` / ``set_kernel``: ``"auto"`` (default)
+measures both once per layer and input shape at its first call and keeps the faster, where oneDNN is
+exact (AVX-512 VNNI); elsewhere (AVX2: oneDNN saturates) the microkernels serve. ``"ukernel"`` /
+``"onednn"`` force one (tests; oneDNN on AVX2 only with 7-bit weights). ``served_by(layer)`` tells which
+served each shape. Convolutions return channels_last float32 (the
 input's dtype for bfloat16 / float16 input); linear returns contiguous ``[..., N]``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 
 import torch
 
-from . import library
+from . import library, onednn
 
 ISA_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32, returned in the input's dtype
 _ISA_NAMES = {v: k for k, v in ISA_IDS.items()}
 _chosen: str | None = None  # the ISA path every op runs; set on first use
+KERNELS = ("auto", "ukernel", "onednn")
+_kernel_mode: str | None = None  # set on first use from TGPQ_CPU_KERNEL
 
 
 def _parse_isa(name: str) -> str:
@@ -86,6 +96,78 @@ def current_isa() -> str:
     return _chosen
 
 
+def set_kernel(mode: str | None) -> None:
+    """Choose the kernel family for every later call: ``auto``, ``ukernel`` or ``onednn`` (None: the default)."""
+    global _kernel_mode
+    if mode is not None and mode not in KERNELS:
+        raise ValueError(f"unknown cpu kernel family {mode!r}: choose one of {KERNELS}")
+    if mode == "onednn" and not onednn.available():
+        raise ValueError("oneDNN's int8 ops are not available in this torch build")
+    _kernel_mode = mode
+
+
+@contextlib.contextmanager
+def force_kernel(mode: str):
+    """``with force_kernel("onednn"): ...`` runs the block on one kernel family."""
+    global _kernel_mode
+    prev = _kernel_mode
+    set_kernel(mode)
+    try:
+        yield
+    finally:
+        _kernel_mode = prev
+
+
+def kernel_mode() -> str:
+    global _kernel_mode
+    if _kernel_mode is None:
+        env = os.environ.get("TGPQ_CPU_KERNEL", "auto")
+        set_kernel(env)
+    return _kernel_mode
+
+
+def _timed(fn) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def kernel_for(layer, shape: tuple, run_ukernel, run_onednn) -> str:
+    """The kernel family for ``layer`` on inputs of ``shape``: forced, or (``auto``, where oneDNN is exact)
+    measured once on the first such input, both ways, and kept (``served_by``)."""
+    mode = kernel_mode()
+    if mode != "auto":
+        return mode
+    if torch.compiler.is_compiling():
+        return "ukernel"
+    plans = layer.__dict__.setdefault("_cpu_plans", {})
+    key = (shape, current_isa())
+    if key not in plans:
+        if onednn.available() and onednn.exact_on(key[1]):
+            plans[key] = "onednn" if _timed(run_onednn) < _timed(run_ukernel) else "ukernel"
+        else:
+            plans[key] = "ukernel"
+    return plans[key]
+
+
+def served_by(layer) -> dict:
+    """``{(input shape, isa): "ukernel" | "onednn"}`` decided so far for ``layer`` (auto mode)."""
+    return dict(layer.__dict__.get("_cpu_plans", {}))
+
+
+def _group_scale(layer) -> float:
+    return float(layer.a_scale[int(layer.group_index)])
+
+
+def _onednn_ok(xq: torch.Tensor) -> bool:
+    """oneDNN cannot carry a NaN activation (the u8 code 0): such inputs go to the microkernels."""
+    return not bool((xq == 0).any())
+
+
 def _isa_id() -> int:
     return ISA_IDS[_chosen if _chosen is not None else current_isa()]
 
@@ -100,9 +182,13 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Repack ``layer``'s weight into the microkernel layout once; returns ``(w_c4, wsum)``.
 
     ``w_c4``: int8 ``[ceil(N/16), block_bytes]``; ``wsum``: int32 ``[16 * ceil(N/16)]`` (128 * row sums of
-    the weight, the zero-point compensation). Cached as non-persistent buffers on the layer.
+    the weight, the zero-point compensation). Cached as non-persistent buffers on the layer. Under
+    ``torch.compile`` the cached buffers are used as they are (``convert`` prepares every layer).
     """
+    if torch.compiler.is_compiling():
+        return layer._cpu_w_c4, layer._cpu_wsum
     library.require_extension()
+    current_isa()  # the ISA path is chosen here at the latest (before any torch.compile trace)
     key = (state_key(layer.w_packed), layer.bits)
     if getattr(layer, "_cpu_w_c4", None) is not None and getattr(layer, "_cpu_key", None) == key:
         return layer._cpu_w_c4, layer._cpu_wsum
@@ -128,8 +214,24 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"qlinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
-                                  layer.bits, layer.out_features_, layer.in_features, _isa_id())
+
+    def ours():
+        return torch.ops.tgpq.qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
+                                      layer.bits, layer.out_features_, layer.in_features, _isa_id())
+
+    if kernel_for(layer, tuple(x.shape), ours, lambda: _onednn_linear(layer, x)) == "onednn":
+        return _onednn_linear(layer, x, fallback=ours)
+    return ours()
+
+
+def _onednn_linear(layer, x: torch.Tensor, fallback=None) -> torch.Tensor:
+    x2 = x.reshape(-1, layer.in_features)
+    xq = quantize_nhwc(layer, x2[:, :, None, None]).reshape(x2.shape)
+    if fallback is not None and not _onednn_ok(xq):
+        return fallback()
+    packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
+    y = onednn.linear_u8(layer, packed, xq, _group_scale(layer))
+    return y.reshape(*x.shape[:-1], layer.out_features_).to(x.dtype)
 
 
 def _conv_args(layer):
@@ -149,8 +251,28 @@ def conv2d(layer, x: torch.Tensor, row_bias: torch.Tensor | None = None,
         raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W] ({layer.in_channels} channels), "
                          f"got {tuple(x.shape)}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
-                                  *_conv_args(layer), _isa_id(), row_bias, residual)
+
+    def ours():
+        return torch.ops.tgpq.qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
+                                      *_conv_args(layer), _isa_id(), row_bias, residual)
+
+    def theirs():
+        return _onednn_conv(layer, quantize_nhwc(layer, x), row_bias, residual, ours).to(x.dtype)
+
+    return theirs() if kernel_for(layer, tuple(x.shape), ours, theirs) == "onednn" else ours()
+
+
+def _onednn_conv(layer, xq, row_bias, residual, fallback) -> torch.Tensor:
+    """oneDNN's conv over u8 NHWC ``xq``, then the optional adds of the conv ops' contract (same order)."""
+    if not _onednn_ok(xq):
+        return fallback()
+    packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
+    y = onednn.conv2d_u8(layer, packed, xq, _group_scale(layer))
+    if row_bias is not None:
+        y = y + row_bias[:, :, None, None].to(torch.float32)
+    if residual is not None:
+        y = y + residual.to(torch.float32)
+    return y
 
 
 def quantize_nhwc(layer, x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +291,16 @@ def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
     if xq.shape[3] != layer.in_channels:
         raise ValueError(f"qconv2d: input has {xq.shape[3]} channels, the layer expects {layer.in_channels}")
     w_c4, wsum = prepare(layer)
-    return torch.ops.tgpq.qconv2d_u8(xq.contiguous(), w_c4, wsum, layer.w_scale, layer.a_scale,
-                                     layer.group_index, layer.bias, *_conv_args(layer), _isa_id(),
-                                     row_bias, residual)
+    xq = xq.contiguous()
+
+    def ours():
+        return torch.ops.tgpq.qconv2d_u8(xq, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index,
+                                         layer.bias, *_conv_args(layer), _isa_id(), row_bias, residual)
+
+    def theirs():
+        return _onednn_conv(layer, xq, row_bias, residual, ours)
+
+    return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
 
 def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True) -> torch.Tensor:

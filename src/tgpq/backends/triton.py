@@ -54,6 +54,8 @@ def _check_gluon(device: torch.device) -> bool:
 def gemm_variant(device: torch.device) -> int:
     """The W8A8 GEMM variant for ``device`` (index into ``VARIANTS``), chosen on first use."""
     device = torch.device(device)
+    if torch.compiler.is_compiling():  # decided before tracing (convert does it), or tl.dot
+        return _variant_of_device.get(device, 0)
     if device not in _variant_of_device:
         choice = 0
         if torch.cuda.get_device_capability(device)[0] == 9 and os.environ.get("TGPQ_WGMMA_ASYNC", "1") != "0":

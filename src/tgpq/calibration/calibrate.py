@@ -10,14 +10,17 @@ For every reconstruction unit (``blocks.find_units``), in the UNet's execution o
    ``"fp"``: inputs from the float model, blocks independent. Both resume block by block;
 2. wrap the unit's layers in ``QuantLayer`` (weight scale: MSE clipping search; act step per group
    from the EMA range) and measure the block output MSE with round-to-nearest: ``block_mse["rtn"]``;
-3. ``rtn`` stops here. ``uniform`` / ``gac``: (gac only) ``weight_steps`` look-ahead updates of the
-   sample logits (``gac.learn_sample_logits``), then reconstruction with the weights
-   ``w = softmax(s / tau)`` held fixed (``reconstruct.reconstruct_block``) and AdaRound's hard
-   rounding: ``block_mse["final"]``. ``uniform`` is exactly this with ``s`` frozen at zero.
+3. ``rtn`` stops here. ``uniform`` / ``gac``: reconstruction (``reconstruct.reconstruct_block``) with
+   the weights ``w = softmax(s / tau)``, then AdaRound's hard rounding: ``block_mse["final"]``. For gac
+   a ``gac.SampleWeighter`` refreshes ``s`` every ``weight_update_every`` AdaRound iterations from
+   the block's current rounding (the validation set's inputs are recorded too); its per-refresh
+   records go to ``qstate.meta["gac"][block]`` and the final weights to ``qstate.sample_weights``.
+   ``uniform`` is exactly this path with ``s`` frozen at zero (same mini-batches: the refreshes draw
+   no random numbers).
 
 The time-embedding MLP, ``conv_in`` and ``conv_out`` stay in float by default (``config.exclude``).
-Sample logits carry over from block to block when ``config.weights_carry_over`` (default);
-Adam's state for the logits restarts at every block (our choice; it keeps resuming exact).
+Every block starts from uniform weights unless ``config.weights_carry_over`` (then the logits of
+the previous block are the start).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,9 +42,9 @@ from ..recipe import LayerQState, QuantConfig, QuantState, WeightsFingerprint
 from .blocks import ReconUnit, check_convertible, find_units
 from .capture import ActRangeStats, UnitData, capture_unit, main_output
 from .checkpoint import CalibrationCheckpoint
-from .collect import CalibrationSet
+from .collect import CalibrationSet, condition_kwargs, condition_rows
 from .fake_quant import GroupContext, QuantLayer, replace_submodule
-from .gac import learn_sample_logits, weights_from_logits
+from .gac import SampleWeighter
 from .reconstruct import block_output_mse, reconstruct_block, set_weight_mode
 from .simulate import attach_group_router, install_fake_quant
 
@@ -75,8 +79,8 @@ def _group_table(calib: CalibrationSet, config: QuantConfig) -> tuple[torch.Tens
 
 def _sample_fn(x, t, cond, cond_kind, device, dtype):
     def fn(idx):
-        kw = {} if cond is None else {cond_kind: cond[idx].to(device)}
-        return x[idx].to(device, dtype), t[idx].to(device), kw
+        return x[idx].to(device, dtype), t[idx].to(device), condition_kwargs(condition_rows(cond, idx, device, dtype),
+                                                                             cond_kind)
     return fn
 
 
@@ -155,6 +159,56 @@ def _layer_states(unit: ReconUnit, block: nn.Module) -> dict:
     return out
 
 
+@dataclass
+class UnitProblem:
+    """One unit's reconstruction problem as ``calibrate`` sets it up (for tests and diagnostics).
+
+    ``block``: the unit with QuantLayers (MSE weight scales, act step sizes from the training set's
+    EMA ranges, ``alpha`` at its AdaRound start, weight mode ``"soft"``); ``ctx`` its group context;
+    ``train`` / ``val``: recorded inputs and float outputs; ``groups`` / ``val_groups``: int64
+    timestep group per sample.
+    """
+
+    name: str
+    block: nn.Module
+    ctx: GroupContext
+    train: UnitData
+    groups: torch.Tensor
+    val: UnitData
+    val_groups: torch.Tensor
+
+
+def unit_problem(unet: nn.Module, calib: CalibrationSet, config: QuantConfig, name: str) -> UnitProblem:
+    """Build the reconstruction problem of the unit called ``name`` on ``calib``, from the float model's
+    inputs (``block_inputs="fp"``: the unit on its own). ValueError naming the units when unknown."""
+    _check_calibration_set(calib, config)
+    table, config = _group_table(calib, config)
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    groups = group_of(calib.t, table.cpu()).cpu()
+    val_groups = group_of(calib.val_t, table.cpu()).cpu() if calib.val_t.numel() else calib.val_t
+    probe = (calib.x[:1].to(device, dtype), calib.t[:1].to(device),
+             calib.cond_kwargs(condition_rows(calib.cond, slice(0, 1), device, dtype)))
+    units = {u.name: u for u in find_units(unet, config.exclude, probe)}
+    if name not in units:
+        raise ValueError(f"unit {name!r} is not one of the model's units {list(units)}")
+    unit, modules = units[name], dict(unet.named_modules())
+    layer_modules = {ln: modules[ln] for ln in unit.layers}
+    stats = ActRangeStats(config.num_groups, config.act_ema_momentum, config.act_quantile)
+    was_training = unet.training
+    unet.eval()
+    try:
+        train = _capture_unit_data(unet, None, unit, modules[name], layer_modules, calib.x, calib.t, calib.cond,
+                                   calib.cond_kind, groups, config.batch_size, stats, device, dtype)
+        val = _capture_unit_data(unet, None, unit, modules[name], layer_modules, calib.val_x, calib.val_t,
+                                 calib.val_cond, calib.cond_kind, val_groups, config.batch_size, None, device, dtype)
+    finally:
+        unet.train(was_training)
+    ctx = GroupContext()
+    block = _build_quant_block(unit, modules[name], stats, config, ctx).to(device)
+    set_weight_mode(block, "soft")
+    return UnitProblem(name, block, ctx, train, groups, val, val_groups)
+
+
 def _fingerprint(calib: CalibrationSet, config: QuantConfig, weights: str) -> dict:
     """JSON-normalised identity of a calibration run (config, float weights, calibration-set size and checksums)."""
     return json.loads(json.dumps({"config": config.to_dict(), "float_weights": weights, "num_train": len(calib),
@@ -190,7 +244,7 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     was_training = unet.training
     unet.eval()
     probe = (calib.x[:1].to(device, dtype), calib.t[:1].to(device),
-             calib.cond_kwargs(None if calib.cond is None else calib.cond[:1].to(device)))
+             calib.cond_kwargs(condition_rows(calib.cond, slice(0, 1), device, dtype)))
     units = find_units(unet, config.exclude, probe)
     modules = dict(unet.named_modules())
 
@@ -206,6 +260,7 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
     n = len(calib)
     logits = torch.zeros(n, dtype=torch.float32)
     block_seconds = {}
+    gac_record = {}  # block -> one record per logit refresh (gac.refresh_sample_logits)
     ctx = GroupContext()
     bs = config.batch_size
     qwork = None  # block_inputs == "quantized": a float copy whose finished blocks are fake-quantized
@@ -228,6 +283,8 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
                 if saved is not None and config.weights_carry_over:
                     logits = saved.clone()
                 block_seconds[unit.name] = ckpt.record["block_seconds"][unit.name]
+                if unit.name in ckpt.record.get("gac", {}):
+                    gac_record[unit.name] = ckpt.record["gac"][unit.name]
                 continue
             if callback is not None:
                 callback({"stage": "start", "index": k, "block": unit.name, "num_blocks": len(units)})
@@ -244,21 +301,25 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             mse = {"rtn": block_output_mse(block, ctx, train, groups, 4 * bs, device)}
             sample_w = None
             if config.method != "rtn":
+                weighter = None
                 if config.method == "gac":
                     val = _capture_unit_data(unet, qwork, unit, modules[unit.name], layer_modules, calib.val_x,
                                              calib.val_t, calib.val_cond, calib.cond_kind, val_groups, bs, None,
                                              device, dtype)
                     if not config.weights_carry_over:
                         logits = torch.zeros(n, dtype=torch.float32)
-                    set_weight_mode(block, "soft")
-                    logits, _ = learn_sample_logits(block, ctx, train, groups, val, val_groups, logits, config,
-                                                    gen, main_output, device)
-                    w = weights_from_logits(logits, config.tau)
-                    sample_w = {"timesteps": calib.t.clone().to(torch.int64), "weights": w.float().clone()}
+                    weighter = SampleWeighter(block, ctx, train, groups, val, val_groups, logits, config, main_output,
+                                              device)
+                    w = weighter.weights
                 else:
                     w = torch.full((n,), 1.0 / n)
-                reconstruct_block(block, ctx, train, groups, w, config, gen, device, progress,
-                                  desc=f"{unit.name}")
+                reconstruct_block(block, ctx, train, groups, w, config, gen, device, progress, desc=f"{unit.name}",
+                                  refresh=weighter, refresh_every=weighter.every if weighter is not None else 1)
+                if weighter is not None:
+                    logits = weighter.logits
+                    sample_w = {"timesteps": calib.t.clone().to(torch.int64),
+                                "weights": weighter.weights.float().clone()}
+                    gac_record[unit.name] = weighter.records
                 mse["final"] = block_output_mse(block, ctx, train, groups, 4 * bs, device)
             layers = _layer_states(unit, block)
             qstate.layers.update(layers)
@@ -270,7 +331,7 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
             block_seconds[unit.name] = time.perf_counter() - t0
             if ckpt is not None:
                 ckpt.add_block(unit.name, layers, mse, block_seconds[unit.name], sample_w,
-                               logits if config.method == "gac" else None)
+                               logits if config.method == "gac" else None, gac_record.get(unit.name))
             if callback is not None:
                 callback({"stage": "end", "index": k, "block": unit.name, "num_blocks": len(units)})
     finally:
@@ -285,5 +346,7 @@ def calibrate(unet: nn.Module, calib: CalibrationSet, config: QuantConfig | None
         "total_seconds": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
     }
+    if config.method == "gac":
+        qstate.meta["gac"] = gac_record
     qstate.validate()
     return qstate

@@ -3,7 +3,8 @@
 A checkpoint is a directory holding
 
 * ``progress.json``: ``{"fingerprint": ..., "done": [block names in order], "block_mse": ...,
-  "layers": {layer name: {"in_splits": [...] | null}}, "block_seconds": ...}``;
+  "layers": {layer name: {"in_splits": [...] | null}}, "block_seconds": ..., "gac": {block: [refresh
+  records]} (gac only)}``;
 * ``tensors.safetensors``: ``layer/<name>/{weight_q,weight_scale,act_scale}`` of finished layers,
   ``weights/<block>/{timesteps,weights}`` and ``logits/<block>`` (the sample logits after the block).
 
@@ -75,8 +76,8 @@ class CalibrationCheckpoint:
         return {"timesteps": self.tensors[f"weights/{block}/timesteps"], "weights": self.tensors[f"weights/{block}/weights"]}
 
     def add_block(self, block: str, layers: dict, block_mse: dict, seconds: float,
-                  sample_weights: dict | None, logits: torch.Tensor | None) -> None:
-        """Record a finished block and write both files."""
+                  sample_weights: dict | None, logits: torch.Tensor | None, gac_record: list | None = None) -> None:
+        """Record a finished block and write both files (``gac_record``: JSON-able refresh records)."""
         for name, lq in layers.items():
             self.tensors[f"layer/{name}/weight_q"] = lq.weight_q.contiguous()
             self.tensors[f"layer/{name}/weight_scale"] = lq.weight_scale.contiguous()
@@ -90,6 +91,8 @@ class CalibrationCheckpoint:
         self.record["done"].append(block)
         self.record["block_mse"][block] = block_mse
         self.record["block_seconds"][block] = seconds
+        if gac_record is not None:
+            self.record.setdefault("gac", {})[block] = gac_record
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu() for k, v in self.tensors.items()}
         _atomic_write_bytes(self.dir / TENSORS, lambda p: save_file(tensors, str(p)))

@@ -12,11 +12,36 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..nn.routing import timestep_index
+from ..nn.routing import timestep_groups_from_calibration, timestep_index
 
-COND_KINDS = ("class_labels", "encoder_hidden_states")
+#: ``"kwargs"``: the condition is a dict of UNet keyword arguments (a pytree of per-sample tensors), e.g.
+#: SDXL's ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}``.
+COND_KINDS = ("class_labels", "encoder_hidden_states", "kwargs")
+
+
+def condition_rows(cond, idx, device=None, dtype=None):
+    """Rows ``idx`` of a condition (a tensor or a pytree of tensors whose first dimension is the sample),
+    moved to ``device``; floating tensors cast to ``dtype`` when given. None stays None."""
+    if cond is None:
+        return None
+
+    def rows(c):
+        c = c[idx]
+        return c.to(device=device, dtype=dtype if (dtype is not None and c.is_floating_point()) else None)
+
+    return pytree.tree_map(rows, cond)
+
+
+def condition_kwargs(cond, cond_kind: str | None) -> dict:
+    """The UNet keyword arguments that pass ``cond`` (rows of a ``CalibrationSet`` condition)."""
+    if cond is None or cond_kind is None:
+        return {}
+    if cond_kind == "kwargs":
+        return dict(cond)
+    return {cond_kind: cond}
 
 
 @dataclass
@@ -28,7 +53,10 @@ class CalibrationSet:
     * ``x``: float32 ``[N, C, H, W]``, the noisy samples ``x_t`` fed to the UNet.
     * ``t``: int64 ``[N]``, the timestep of each sample (``0 <= t < num_train_timesteps``).
     * ``cond``: the condition of each sample or None: int64 ``[N]`` class labels when
-      ``cond_kind == "class_labels"``, float ``[N, L, D]`` when ``cond_kind == "encoder_hidden_states"``.
+      ``cond_kind == "class_labels"``, float ``[N, L, D]`` when ``cond_kind == "encoder_hidden_states"``,
+      and when ``cond_kind == "kwargs"`` a dict of UNet keyword arguments whose values are tensors or
+      dicts of tensors, every tensor with the sample as its first dimension (``[N, ...]``), e.g.
+      ``{"encoder_hidden_states": [N, L, D], "added_cond_kwargs": {"text_embeds": [N, P], "time_ids": [N, 6]}}``.
     * ``val_x`` float32 ``[M, C, H, W]``, ``val_t`` int64 ``[M]``, ``val_cond`` (like ``cond``):
       the validation set, from seeds disjoint from the training trajectories, with the same
       count of samples at every kept timestep.
@@ -50,10 +78,19 @@ class CalibrationSet:
         return int(self.x.shape[0])
 
     def cond_kwargs(self, cond: torch.Tensor | None) -> dict:
-        """The keyword arguments that pass ``cond`` (a slice of ``cond``/``val_cond``) to the UNet."""
-        if cond is None or self.cond_kind is None:
-            return {}
-        return {self.cond_kind: cond}
+        """The keyword arguments that pass ``cond`` (rows of ``cond``/``val_cond``) to the UNet."""
+        return condition_kwargs(cond, self.cond_kind)
+
+
+def scheduler_model_output(scheduler, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """What ``scheduler.step`` takes from a UNet output: a learned-variance UNet (``2 * C`` output channels for a
+    ``C``-channel sample) gives its epsilon half ``[:, :C]``, unless the scheduler learns the variance itself
+    (``variance_type`` ``"learned"`` / ``"learned_range"``, e.g. DDPM), which takes the whole output."""
+    c = sample.shape[1]
+    learned = getattr(scheduler, "config", {}).get("variance_type") in ("learned", "learned_range")
+    if model_output.shape[1] == 2 * c and not learned:
+        return model_output[:, :c]
+    return model_output
 
 
 def _seeded_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
@@ -104,7 +141,7 @@ def _run_trajectories(unet, scheduler, noise, cond, cond_kind, num_steps, interv
                 if c is not None:
                     cs.append(c.to(storage_device))
             eps = unet(model_in.to(dtype), t, **kw, return_dict=False)[0]
-            x = sched.step(eps.float(), t, x).prev_sample
+            x = sched.step(scheduler_model_output(sched, eps, x).float(), t, x).prev_sample
             bar.update(1)
     bar.close()
     kept = torch.tensor([int(timestep_index(timesteps[i])) for i in keep], dtype=torch.int64)
@@ -116,10 +153,25 @@ def default_interval(num_steps: int) -> int:
     return max(1, round(num_steps / 20))
 
 
+def validation_trajectories(num_trajectories: int, val_fraction: float, kept_timesteps: torch.Tensor,
+                            num_groups: int, min_val_per_group: int, num_train_timesteps: int = 1000) -> int:
+    """How many validation trajectories ``collect_calibration`` draws (see its docstring)."""
+    if val_fraction <= 0:
+        return 0
+    n = max(1, round(val_fraction * num_trajectories))
+    kept = torch.unique(kept_timesteps)
+    if kept.numel() >= num_groups:
+        table = timestep_groups_from_calibration(kept, num_groups, max(num_train_timesteps, int(kept.max()) + 1))
+        per_group = torch.bincount(table[kept], minlength=num_groups)
+        n = max(n, math.ceil(min_val_per_group / int(per_group.min())))
+    return n
+
+
 def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int = 100, interval: int | None = None,
                         val_fraction: float = 0.05, seed: int = 0, batch_size: int = 64,
                         storage_device: str | torch.device = "cpu", class_labels: torch.Tensor | None = None,
-                        encoder_hidden_states: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+                        encoder_hidden_states: torch.Tensor | None = None, progress: bool = True,
+                        num_groups: int = 5, min_val_per_group: int = 8) -> CalibrationSet:
     """Record UNet inputs along ``num_trajectories`` DDIM trajectories of the FP model.
 
     * ``scheduler``: a diffusers scheduler with ``set_timesteps`` / ``step`` (DDIM expected); it is
@@ -127,8 +179,13 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
     * Trajectory ``j`` starts from noise drawn with seed ``seed`` (training) or ``seed + 1_000_003``
       (validation); every ``interval``-th of the ``num_steps`` steps (starting with the first) is kept
       (default ``default_interval(num_steps)``: about 20 kept steps, 5 for 100 steps as in the paper).
-    * Validation: ``max(1, round(val_fraction * num_trajectories))`` further trajectories, so every
-      kept timestep has the same count there (and the validation set is ~``val_fraction`` of ``X_T``).
+    * Validation (none when ``val_fraction == 0``): ``max(round(val_fraction * num_trajectories), m)``
+      further trajectories, so every kept timestep has the same count there. ``m`` is the fewest
+      trajectories that give every one of ``num_groups`` timestep groups (``QuantConfig.num_groups``,
+      built as ``calibrate`` builds them) at least ``min_val_per_group`` validation samples (our
+      choice: 8, so that gac's per-group validation losses are not noise). At the paper's scale
+      (256 trajectories, 20 kept steps) ``val_fraction`` decides (13 trajectories, 52 per group); at
+      16 trajectories of 100 steps the minimum does (2 trajectories: 8 per group, 12.5 % of ``X_T``).
     * ``class_labels`` int64 ``[K]`` or ``encoder_hidden_states`` ``[K, L, D]`` (at most one):
       trajectory ``j`` is conditioned on row ``j % K`` (validation trajectories likewise).
     * Inputs are stored once per kept step on ``storage_device`` (float32).
@@ -142,6 +199,10 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
+    if num_groups < 1:
+        raise ValueError(f"num_groups={num_groups} must be at least 1")
+    if min_val_per_group < 0:
+        raise ValueError(f"min_val_per_group={min_val_per_group} must be >= 0")
     if class_labels is not None and encoder_hidden_states is not None:
         raise ValueError("pass class_labels or encoder_hidden_states, not both")
     _check_cond("class_labels", class_labels)
@@ -160,7 +221,8 @@ def collect_calibration(unet, scheduler, num_trajectories: int, num_steps: int =
         x, t, c, kept = _run_trajectories(
             unet, scheduler, _seeded_noise(num_trajectories, shape, seed), _cycle(cond, num_trajectories),
             cond_kind, num_steps, interval, batch_size, storage_device, "calibration trajectories", progress)
-        n_val = max(1, round(val_fraction * num_trajectories)) if val_fraction > 0 else 0
+        n_val = validation_trajectories(num_trajectories, val_fraction, kept, num_groups, min_val_per_group,
+                                        int(getattr(scheduler.config, "num_train_timesteps", 1000)))
         if n_val:
             vx, vt, vc, _ = _run_trajectories(
                 unet, scheduler, _seeded_noise(n_val, shape, seed + 1_000_003), _cycle(cond, n_val), cond_kind,

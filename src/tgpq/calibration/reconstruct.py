@@ -13,6 +13,8 @@ jointly in short runs let the step sizes chase weights that were not yet rounded
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -68,6 +70,18 @@ def _weighted_loss(block, ctx, data, groups, weights, idx, device):
     return (len(data) / idx.numel()) * (weights[idx].to(err.device) * err).sum()
 
 
+def adam_steps(opt: torch.optim.Adam, block: torch.nn.Module) -> dict:
+    """``{parameter name in block: (steps taken, beta1)}`` for the parameters ``opt`` has stepped."""
+    out = {}
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        for name, p in block.named_parameters():
+            st = opt.state.get(p)
+            if id(p) in ids and st and "step" in st:
+                out[name] = (int(st["step"]), float(group["betas"][0]))
+    return out
+
+
 def act_scale_iters(config) -> int:
     """Iterations of the step-size phase: ``config.extra["act_scale_iters"]``, default ``iters // 2``."""
     return int(config.extra.get("act_scale_iters", config.iters // 2))
@@ -75,18 +89,25 @@ def act_scale_iters(config) -> int:
 
 def reconstruct_block(block, ctx: GroupContext, data: UnitData, groups: torch.Tensor, weights: torch.Tensor,
                       config, generator: torch.Generator, device=None, progress: bool = True,
-                      desc: str = "reconstruct") -> dict:
+                      desc: str = "reconstruct", refresh: Callable[[int, dict], torch.Tensor] | None = None,
+                      refresh_every: int = 1) -> dict:
     """Learn AdaRound rounding, then step sizes, of ``block``'s QuantLayers (Q-Diffusion's order).
 
     1. ``config.iters`` Adam steps (``lr_adaround``) on every ``alpha``: weighted loss + annealed
        rounding regulariser, inputs fake-quantized with the initial step sizes; then hard rounding.
+       With ``refresh`` (gac): before iterations ``refresh_every, 2 * refresh_every, ...`` the
+       weights become ``refresh(it, steps)`` (float ``[N]``, summing to 1), computed with the
+       block in soft mode at its current ``alpha`` (``steps``: the optimiser's step counts by parameter
+       name, ``adam_steps``); they are held fixed in between. ``refresh`` draws nothing from
+       ``generator``, so gac and uniform see the same mini-batches.
     2. When ``config.learn_act_scale``: ``act_scale_iters(config)`` Adam steps (``lr_act_scale``) on
        the step sizes with the hard weights, LSQ gradient. The learned step sizes are kept only if
        they lower the weighted loss over the whole training set (our choice: a short, noisy LSQ
        run must not undo the initialisation).
 
-    ``weights``: float ``[N]`` sample weights summing to 1 (held fixed here). Returns
-    ``{"loss_first", "loss_last", "act_loss_before", "act_loss_after", "act_kept"}``.
+    ``weights``: float ``[N]`` sample weights summing to 1 (the starting weights with ``refresh``).
+    Returns ``{"loss_first", "loss_last", "act_loss_before", "act_loss_after", "act_kept"}``; the
+    step-size phase uses the last weights.
     """
     layers = qlayers_of(block)
     n = len(data)
@@ -101,6 +122,8 @@ def reconstruct_block(block, ctx: GroupContext, data: UnitData, groups: torch.Te
     opt = torch.optim.Adam(alphas, lr=config.lr_adaround)
     rec = {}
     for it in tqdm(range(config.iters), desc=desc, leave=False, disable=not progress):
+        if refresh is not None and it > 0 and it % refresh_every == 0:
+            weights = refresh(it, adam_steps(opt, block))
         idx = torch.randperm(n, generator=generator)[:b]
         loss = _weighted_loss(block, ctx, data, groups, weights, idx, device)
         beta = beta_at(it, config.iters, config.adaround_warmup, config.adaround_beta)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration.collect import scheduler_model_output
+
 
 def initial_noise(num: int, shape: tuple[int, int, int], seed: int = 0, first: int = 0,
                   stride: int = 1) -> torch.Tensor:
@@ -45,7 +47,7 @@ def ddim_sample(unet, num: int, steps: int = 50, seed: int = 0, batch_size: int 
     for start in range(0, num, batch_size):
         x = noise[start:start + batch_size].to(device=device, dtype=dtype)
         for t in sched.timesteps:
-            eps = unet(x, t.to(device)).sample
+            eps = scheduler_model_output(sched, unet(x, t.to(device)).sample, x)  # learned variance: eps half
             x = sched.step(eps, t, x, eta=eta).prev_sample
             bar.update(x.shape[0])
         out.append(x.float().clamp(-1, 1).cpu())

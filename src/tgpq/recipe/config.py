@@ -28,11 +28,37 @@ class QuantConfig:
     Calibration (section 1 of DESIGN.md). Paper defaults are marked "paper"; everything else is
     "our choice" because the paper (as read from summaries) is silent:
       * ``num_groups`` = 5 contiguous timestep groups ("tasks"): paper.
-      * ``tau`` = 1.0 softmax temperature of the sample weights: paper.
-      * ``val_fraction`` = 0.05 validation set size relative to the training set: paper.
-      * ``gm_lambda`` = 1.0 gradient-matching weight: paper ("as written").
-      * ``iters``, ``lr_*`` (``lr_adaround`` 3e-2 instead of BRECQ's 1e-3, see below), ``lookahead_eta``, ``weight_update_every``, ``weight_steps``,
+      * ``tau`` = 1.0 softmax temperature of the sample weights ``w = softmax(s / tau)`` over the
+        whole training set (the whole set, not the mini-batch: our choice): paper.
+      * ``val_fraction`` = 0.05 validation set size relative to the training set: paper. It is
+        ``collect_calibration``'s default too, which also draws at least 8 validation samples per
+        timestep group (``min_val_per_group``, our choice; e.g. 2 trajectories = 40 samples for 16
+        trajectories of 100 steps): with 2 per group the learned weights were noise.
+      * ``gm_lambda`` = 1.0 weight of the gradient-matching term: paper ("as written"); our term is
+        the mean cosine of the groups' logit-space gradients (``tgpq.calibration.gac``), not the
+        paper's inner product on ``w``, which vanishes like eta^2. 0 = the ablation without it.
+      * ``iters``, ``lr_*`` (``lr_adaround`` 3e-2 instead of BRECQ's 1e-3, see below),
         ``batch_size``, ``adaround_*``: our choice (small defaults so a CPU run is minutes).
+
+    gac, our choices (the paper gives none of these; ``tgpq/calibration/gac.py`` has the equations):
+      * look-ahead ``theta*``: one step of the reconstruction's own optimiser (Adam, its current
+        moments, the full-set weighted gradient ``g(w)`` as the step's gradient), with a step size per
+        parameter kind: ``lookahead_lr_alpha`` for AdaRound ``alpha`` (None = ``lr_adaround``) and
+        ``lookahead_lr_act`` for the activation step sizes (default 0: the weights are refreshed
+        during the AdaRound phase, where reconstruction keeps the step sizes fixed; ``lr_act_scale``
+        puts them in). On the reference model ``L_t(theta*) / L_t(theta) <= 1.5`` on every block
+        (tests/test_gac_reference.py); one plain SGD step of 1e-2 on both kinds gave 100-3,600x.
+      * the weights' gradient ``G_t = dL_t(theta*)/dw`` is taken to first order in the step
+        (validation gradients at ``theta``), from per-sample gradients (``torch.func.vmap``).
+      * logit update: one exponentiated-gradient step per refresh, normalised to an RMS of
+        ``lr_sample_logits`` (0.5) over the samples and clipped at 3x that, taken in ``weight_steps``
+        (1) equal sub-steps.
+      * refreshes: every ``weight_update_every`` AdaRound iterations (None = ``max(1, iters // 4)``:
+        at 25 %, 50 % and 75 % of the phase), on the whole training and validation sets; weights held
+        fixed in between and during the step-size phase; none at iteration 0, where the soft weights
+        still equal the float weights and Adam has no moments.
+      * ``weights_carry_over`` (False): every block starts from uniform weights (carrying the logits
+        over would add every earlier block's steps to the next block's).
     """
 
     weight_bits: int = 8
@@ -51,7 +77,7 @@ class QuantConfig:
     # worse than RTN in our tests, 3e-2 lowered every block below RTN (tests/test_calibration.py)
     lr_adaround: float = 3e-2
     lr_act_scale: float = 4e-5  # Q-Diffusion default for LSQ step sizes
-    learn_act_scale: bool = True  # our choice: step sizes are part of theta for the look-ahead
+    learn_act_scale: bool = True  # our choice: LSQ step-size phase after the rounding
     adaround_reg_weight: float = 0.01  # BRECQ default
     adaround_beta: tuple = (20.0, 2.0)  # BRECQ default annealing range
     adaround_warmup: float = 0.2  # BRECQ default
@@ -59,10 +85,12 @@ class QuantConfig:
     tau: float = 1.0  # paper
     val_fraction: float = 0.05  # paper
     gm_lambda: float = 1.0  # paper
-    lookahead_eta: float = 1e-2  # our choice
-    lr_sample_logits: float = 1e-1  # our choice (Adam on the logits s)
-    weight_steps: int = 10  # our choice: logit updates before each block
-    weights_carry_over: bool = True  # our choice: s carries over from block to block
+    lookahead_lr_alpha: float | None = None  # our choice: look-ahead step on alpha; None = lr_adaround
+    lookahead_lr_act: float = 0.0  # our choice: look-ahead step on act step sizes; 0 = left out
+    lr_sample_logits: float = 0.5  # our choice: RMS change of the log-weights per refresh
+    weight_steps: int = 1  # our choice: sub-steps of each refresh's logit update
+    weight_update_every: int | None = None  # our choice: AdaRound iterations per refresh; None = iters // 4
+    weights_carry_over: bool = False  # our choice: every block starts from uniform weights
     # Where a block's reconstruction inputs come from: "quantized" (the model with every earlier block
     # already quantized, so a block learns to correct the error it receives; BRECQ's / Q-Diffusion's
     # asymmetric reconstruction) or "fp" (the float model). Targets are FP outputs either way. Our
@@ -81,6 +109,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.adaround_beta={self.adaround_beta!r}: must be two numbers (start, end)")
         self.adaround_beta = tuple(self.adaround_beta)
         for name, rule in _RULES.items():
+            if getattr(self, name) is None and name in _OPTIONAL:
+                continue
             _check(name, getattr(self, name), *rule)
         if not self.num_groups <= self.num_train_timesteps:
             raise ValueError(f"QuantConfig.num_groups={self.num_groups}: must be between 1 and "
@@ -100,6 +130,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in _RETIRED}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
@@ -133,6 +164,11 @@ def _check(name: str, value, kind: str, lo=None, hi=None, lo_open: bool = False,
         raise ValueError(f"QuantConfig.{name}={value!r}: must be {what}{' ' + bounds if bounds else ''}")
 
 
+# fields that may be None (their documented default)
+_OPTIONAL = {"lookahead_lr_alpha", "weight_update_every"}
+# calibration-only fields of earlier versions: files that hold them still load (the model they describe does
+# not depend on them); a new QuantConfig refuses them like any unknown field
+_RETIRED = {"lookahead_eta"}
 # field -> (kind, low, high, low open, high open); exclude, adaround_beta and extra are checked by hand
 _RULES = {
     "weight_bits": ("choice", SUPPORTED_WEIGHT_BITS),
@@ -153,9 +189,11 @@ _RULES = {
     "tau": ("float", 0.0, None, True),
     "val_fraction": ("float", 0.0, 1.0, False, True),
     "gm_lambda": ("float", 0.0),
-    "lookahead_eta": ("float", 0.0, None, True),
-    "lr_sample_logits": ("float", 0.0, None, True),
-    "weight_steps": ("int", 0),
+    "lookahead_lr_alpha": ("float", 0.0, None, True),
+    "lookahead_lr_act": ("float", 0.0),
+    "lr_sample_logits": ("float", 0.0),
+    "weight_steps": ("int", 1),
+    "weight_update_every": ("int", 1),
     "weights_carry_over": ("bool",),
     "block_inputs": ("choice", ("quantized", "fp")),
     "seed": ("int", 0),

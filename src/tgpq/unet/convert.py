@@ -14,6 +14,7 @@ import types
 import torch
 from torch import nn
 
+from ..backends import triton as triton_backend
 from ..backends.library import has_extension
 from ..nn import BACKENDS, QConv2d, QLinear, QSplitConv2d, TimestepRouter, routed_forward
 from ..recipe import LayerQState, QuantState, WeightsFingerprint
@@ -97,8 +98,17 @@ def convert(unet: nn.Module, qstate: QuantState, backend: str = "auto", inplace:
     install_router(model, router)
     model.tgpq_config = qstate.config
     set_backend(model, backend)
-    maybe_fuse_for_cpu(model, backend)
+    choose_kernels(model, backend)
     return model
+
+
+def choose_kernels(model: nn.Module, backend: str) -> None:
+    """Make the backends' once-per-device kernel choices now, before any call (or torch.compile trace):
+    the GPU GEMM variant on CUDA, the ISA path and the fusions on the CPU."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda" and backend in ("auto", "triton"):
+        triton_backend.gemm_variant(device)
+    maybe_fuse_for_cpu(model, backend)
 
 
 def maybe_fuse_for_cpu(model: nn.Module, backend: str) -> None:

@@ -147,12 +147,15 @@ class CpuAttnProcessor:
     change (``load_state_dict``, ``.to()``); it is not part of the state dict. The fused path runs only
     where ``to_q``'s backend resolves to the cpu backend (``set_backend`` switches it off)."""
 
-    def __init__(self, original):
+    def __init__(self, original, attn):
         self.original = original
-        self._qkv: QLinear | None = None
-        self._key: tuple | None = None
+        self._qkv, self._key = _merge_qkv(attn), _qkv_key(attn)
+        if self._qkv is not None:
+            cpu_backend.prepare(self._qkv)
 
     def merged_qkv(self, attn) -> QLinear | None:
+        if torch.compiler.is_compiling():  # traced as built (recompile after changing the weights)
+            return self._qkv
         key = _qkv_key(attn)
         if key != self._key:
             self._qkv, self._key = _merge_qkv(attn), key
@@ -191,11 +194,12 @@ def fuse_attention(attn: nn.Module) -> bool:
         return True
     if getattr(attn, "is_cross_attention", False) or not hasattr(attn, "to_q"):
         return False
-    if _merge_qkv(attn) is None:
+    proc = CpuAttnProcessor(attn.processor, attn)
+    if proc.merged_qkv(attn) is None:
         return False
     # The merged layer lives in the processor only (not a submodule): the model's state_dict, and so
     # tgpq.save / tgpq.load, stay exactly those of the unfused model.
-    attn.set_processor(CpuAttnProcessor(attn.processor))
+    attn.set_processor(proc)
     return True
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from ..nn import QConv2d, QLinear, QSplitConv2d, TimestepRouter
 from ..recipe import QuantConfig
-from .convert import _parent_and_attr, install_router, maybe_fuse_for_cpu, quantized_layers, set_backend
+from .convert import _parent_and_attr, choose_kernels, install_router, quantized_layers, set_backend
 
 FORMAT = "tgpq-quantized-unet"
 VERSION = 2
@@ -124,8 +124,9 @@ def _build_layer(spec: dict, bits: int, groups: int):
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write a converted model (from ``tgpq.convert``) to ``path`` (safetensors)."""
+def save(model: torch.nn.Module, path: str | os.PathLike) -> dict:
+    """Write a converted model (from ``tgpq.convert``) to ``path`` (safetensors); returns the JSON document
+    written in its header (``sha256`` included)."""
     if getattr(model, "tgpq_router", None) is None:
         raise ValueError("save expects a model converted with tgpq.convert")
     cfg: QuantConfig = model.tgpq_config
@@ -141,6 +142,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     meta = json.loads(json.dumps(meta, default=_json_value))  # what load will parse: digest that
     meta["sha256"] = _digest(tensors, meta)
     write_atomically(path, save_tensors(tensors, metadata={"tgpq": json.dumps(meta)}))
+    return meta
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -178,6 +180,15 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
     """
     path = os.fspath(path)
     meta, tensors = _read(path)
+    return build_quantized(meta, tensors, path, unet_config, backend, device)
+
+
+def build_quantized(meta: dict, tensors: dict, path: str, unet_config: dict | None = None, backend: str = "auto",
+                    device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The converted model described by a checked file's ``meta`` and ``tensors`` (from ``_read``); errors name
+    ``path``. The model is built on the meta device and takes the file's tensors (floating ones in the file's
+    dtype, others cast to the dtypes the config builds), so loading never allocates the float weights of the
+    quantized layers."""
     cfg = QuantConfig.from_dict(meta["quant_config"])
     import diffusers
 
@@ -189,16 +200,17 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
     if not config:
         raise ValueError(f"{path}: no UNet config stored; pass unet_config")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    try:
-        model = cls.from_config(config)
-    except Exception as e:  # diffusers raises several types for bad configs
-        raise ValueError(f"{path}: cannot build {cls_name} from the config ({e})") from None
-    for name, spec in meta["layers"].items():
+    with torch.device("meta"):  # no storage: every tensor comes from the file
         try:
-            parent, attr = _parent_and_attr(model, name)
-        except ValueError:
-            raise ValueError(f"{path}: layer {name!r} does not exist in the given UNet config") from None
-        setattr(parent, attr, _build_layer(spec, cfg.weight_bits, cfg.num_groups))
+            model = cls.from_config(config)
+        except Exception as e:  # diffusers raises several types for bad configs
+            raise ValueError(f"{path}: cannot build {cls_name} from the config ({e})") from None
+        for name, spec in meta["layers"].items():
+            try:
+                parent, attr = _parent_and_attr(model, name)
+            except ValueError:
+                raise ValueError(f"{path}: layer {name!r} does not exist in the given UNet config") from None
+            setattr(parent, attr, _build_layer(spec, cfg.weight_bits, cfg.num_groups))
     table = tensors.get("tgpq_router.timestep_to_group")
     if table is None:
         raise ValueError(f"{path}: missing tensor 'tgpq_router.timestep_to_group'")
@@ -213,8 +225,16 @@ def load(path: str | os.PathLike, unet_config: dict | None = None, backend: str 
             f"{path}: does not match the UNet config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shapes {wrong[:5]}"
         )
-    model.load_state_dict(tensors, strict=True)
+    # floating tensors keep the file's dtype (a bfloat16 UNet's float layers stay bfloat16), others the model's
+    model.load_state_dict({k: v if v.is_floating_point() and own[k].is_floating_point() else v.to(own[k].dtype)
+                           for k, v in tensors.items()}, strict=True, assign=True)
+    for m in model.modules():
+        if isinstance(m, (QLinear, QConv2d)):  # their one tensor outside the state dict
+            m._own_group_index = torch.zeros(1, dtype=torch.int64)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a tensor outside the state dict (none in diffusers' UNets today): never leave it unset
+        raise ValueError(f"{path}: {cls_name} holds tensors that the file cannot set: {left[:5]}")
     set_backend(model, backend)
     model = model.to(device).eval()
-    maybe_fuse_for_cpu(model, backend)
+    choose_kernels(model, backend)
     return model
