@@ -7,7 +7,8 @@ the NHWC input (no im2col buffer), zero outside the padded image, and quantized 
 ``q(v) = clamp(round_half_even(float32(v) * (1 / a_scale[g])), -127, 127)``. Padding contributes
 exact zeros (q(0) = 0). Epilogue: ``y = float32(acc) * (a_scale[g] * w_scale[n]) + bias[n]``,
 stored channels_last in x's dtype. An output pixel whose receptive field holds a NaN is NaN in every
-channel, as in float (found as in kernels/qgemm.py; padding is zeros, never NaN).
+channel, as in float: found and applied exactly as in kernels/qgemm.py (a row of the implicit GEMM is
+one output pixel's receptive field; padding loads as zeros, never NaN).
 
 Two A-address modes (constexpr ``CIN_ALIGNED``): when ``Cin % BLOCK_K == 0`` a K tile lies in
 one filter tap (kh, kw), so the tap and its padding mask are scalars per tile and the channel
@@ -75,7 +76,7 @@ def qconv2d_kernel(
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     # NaN rows: each thread folds its own K runs of every A tile into per-run partials (see the module docstring)
-    FP16 = x_ptr.dtype.element_ty == tl.float16
+    FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.int16)
     for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         k0 = kt * BLOCK_K
@@ -132,14 +133,15 @@ def qconv2d_kernel(
         row_has_nan = row_max != row_max
     else:
         row_has_nan = tl.reduce(nan_part, 1, _elementwise_max) > BF16_NAN_BITS
-    row_nan = tl.where(row_has_nan, float("nan"), 0.0)  # added to the row: NaN, or +0
+    row_nan = tl.where(row_has_nan, float("nan"), 0.0)
     offs_ym = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_yn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_yn < N
     w_s = tl.load(w_scale_ptr + offs_yn, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * (a_s * w_s)[None, :] + row_nan[:, None]
+    y = acc.to(tl.float32) * (a_s * w_s)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_yn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y + row_nan[:, None]  # last: NaN, or +0 (finite values unchanged)
     y_ptrs = y_ptr + offs_ym[:, None] * N + offs_yn[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_ym[:, None] < M) & n_ok[None, :])
 

@@ -21,12 +21,18 @@ the multiply and the add also keeps the compiler from contracting them into an F
 
 Non-finite activations (issue 14), as the reference backend (fake-quantize, then compute in float): a
 row of x that holds a NaN gives a NaN row of y; +-inf is clamped to +-127 steps like any large value.
-Each thread folds its own 8-element K run (one 16-byte load) of every A tile into a per-run partial,
-with no shuffles in the loop: fp16 by a NaN-propagating max (packed ``max.NaN``; +-inf never makes a
-NaN), bf16 by an integer max of the bits without the sign (a NaN iff above 0x7F80; the interpreter holds
-bf16 as raw bits, so this is also what the CPU tests check). The epilogue folds the partials per row
-and adds NaN or +0 to the row. The quantized values of a NaN row are whatever the clamp makes of the
-NaN: that row of the accumulator is never used.
+The quantization itself cannot carry a NaN (the clamp and the int8 cast turn it into a finite step), so
+the kernel finds NaN rows beside it. Each thread folds its own 8-element K run (one 16-byte load) of
+every A tile into a per-run partial ``nan_part`` [BLOCK_M, BLOCK_K // 8], with no shuffles in the loop:
+fp16 by a NaN-propagating max (PTX ``max.NaN.f16x2``; +-inf never makes a NaN), bf16 by an integer max
+of the bits without the sign (a NaN iff above 0x7F80: the interpreter holds bf16 as raw bits, so the CPU
+tests check the very same integer code). Masked and padded elements load as 0 and never flag a row.
+After the loop the partials are folded per row into ``row_nan`` (NaN or +0), which the epilogue adds
+last, after the scale and the bias: finite outputs keep their bits (y + 0.0 == y; y is never -0.0, the
+scales being positive), and the add lets the Gluon kernel convert ``row_nan`` to the accumulator's
+layout while its last wgmma is in flight (a select on a converted flag there makes ptxas serialize the
+wgmma; measured with triton 3.6). The quantized
+values of a NaN row are whatever the clamp makes of the NaN: that row of the accumulator is never used.
 """
 from __future__ import annotations
 
@@ -97,7 +103,7 @@ def qgemm_kernel(
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     # NaN rows: each thread folds its own K runs of every A tile into per-run partials (see the module docstring)
-    FP16 = x_ptr.dtype.element_ty == tl.float16
+    FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.int16)
     for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if EVEN_K:
@@ -138,14 +144,15 @@ def qgemm_kernel(
         row_has_nan = row_max != row_max
     else:
         row_has_nan = tl.reduce(nan_part, 1, _elementwise_max) > BF16_NAN_BITS
-    row_nan = tl.where(row_has_nan, float("nan"), 0.0)  # added to the row: NaN, or +0
+    row_nan = tl.where(row_has_nan, float("nan"), 0.0)
     offs_ym = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_yn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_yn < N
     w_s = tl.load(w_scale_ptr + offs_yn, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * (a_s * w_s)[None, :] + row_nan[:, None]
+    y = acc.to(tl.float32) * (a_s * w_s)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_yn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y + row_nan[:, None]  # last: NaN, or +0 (finite values unchanged)
     y_ptrs = y_ptr + offs_ym[:, None] * stride_ym + offs_yn[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_ym[:, None] < M) & n_ok[None, :])
 

@@ -119,7 +119,8 @@ def qgemm_w8a8_gluon_kernel(
         acc = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         _cta_barrier()  # WAR: every warpgroup has retired wgmma(kt-1), so slot 1-s may be overwritten
-    # +0 for a finite row, NaN for a row that read a NaN; converted while the last wgmma is in flight
+    # NaN or +0 per row (qgemm.py), folded and moved to the accumulator's row layout while the last wgmma is in
+    # flight; added last
     if FP16:
         row_max = gl.reduce(nan_part, 1, _max_nan)
         row_has_nan = row_max != row_max
@@ -132,9 +133,10 @@ def qgemm_w8a8_gluon_kernel(
     offs_yn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
     n_ok = offs_yn < N
     w_s = gl.load(w_scale_ptr + offs_yn, mask=n_ok, other=0.0)
-    y = acc.to(gl.float32) * gl.expand_dims(a_s * w_s, 0) + gl.expand_dims(row_nan, 1)
+    y = acc.to(gl.float32) * gl.expand_dims(a_s * w_s, 0)
     if HAS_BIAS:
         y = y + gl.expand_dims(gl.load(bias_ptr + offs_yn, mask=n_ok, other=0.0).to(gl.float32), 0)
+    y = y + gl.expand_dims(row_nan, 1)
     y_ptrs = y_ptr + gl.expand_dims(offs_ym, 1) * stride_ym + gl.expand_dims(offs_yn, 0)
     mask = gl.expand_dims(offs_ym < M, 1) & gl.expand_dims(n_ok, 0)
     gl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -232,6 +232,20 @@ def test_qconv2d_rejects_bad_input():
 # The interpreter casts the NaN row's quantized values to int8 with numpy, which warns; those values
 # never reach the output (the row is NaN).
 NAN_CAST_WARNING = "ignore:invalid value encountered in cast:RuntimeWarning"
+# bit patterns at the edges of the kernels' NaN test: the smallest-payload NaN, a NaN with the sign bit set,
+# and +-inf, which must not flag the row (fp16: exponent 5 bits, bf16: 8 bits)
+EDGE_BITS = {torch.float16: dict(nan_min=0x7C01, nan_neg=-0x0200, inf=0x7C00, ninf=-0x0400),
+             torch.bfloat16: dict(nan_min=0x7F81, nan_neg=-0x0040, inf=0x7F80, ninf=-0x0080)}
+BIG = {torch.float16: 60000.0, torch.bfloat16: 1e30}  # finite, far beyond 127 steps: clamps as +-inf must
+
+
+def poke(x, idx, bits):
+    """x[idx] = the fp16/bf16 value with these int16 bits (negative: the sign bit set)."""
+    x.view(torch.int16)[idx] = bits
+
+
+def bits_equal(a, b):
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 def check_nan_like_reference(y, xd, wd, bias, op, dtype, **kw):
@@ -249,48 +263,118 @@ def check_nan_like_reference(y, xd, wd, bias, op, dtype, **kw):
 
 
 @pytest.mark.filterwarnings(NAN_CAST_WARNING)
-@pytest.mark.parametrize("bits,dtype", [(8, torch.float16), (4, torch.bfloat16)])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_qlinear_nan_rows_like_the_reference(bits, dtype):
-    """NaN in the first, a middle and the masked last K tile of three rows; +-inf in two others."""
+    """NaNs in the first, a middle and the masked last K tile of three rows (one a smallest-payload NaN, one
+    with the sign bit set); +-inf in two others. NaN rows are NaN in every column; every other row has the
+    bits it has when the NaNs are zeros and the infinities large finite values (which clamp the same)."""
     gen = torch.Generator().manual_seed(11 + bits)
     m, n, k = 29, 37, 71  # K: tiles of 32, 32 and a masked 7
     w, wp = make_weights(n, k, bits, gen)
     w_scale = torch.rand(n, generator=gen) * 0.02 + 0.001
     a_scale = torch.tensor([0.04, 0.02])
-    x = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
-    for r, c in ((0, 0), (7, 40), (28, 70)):
-        x[r, c] = float("nan")
-    x[3, 5], x[4, 66] = float("inf"), float("-inf")
+    e = EDGE_BITS[dtype]
+    clean = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
+    clean[3, 5], clean[4, 66] = BIG[dtype], -BIG[dtype]
+    x = clean.clone()
+    x[0, 0] = float("nan")
+    poke(x, (7, 40), e["nan_min"])
+    poke(x, (28, 70), e["nan_neg"])
+    poke(x, (3, 5), e["inf"])
+    poke(x, (4, 66), e["ninf"])
+    assert torch.isnan(x).sum() == 3 and torch.isinf(x).sum() == 2
+    clean[0, 0] = clean[7, 40] = clean[28, 70] = 0.0
     bias = torch.randn(n, generator=gen)
-    y = qlinear(x, wp, w_scale, a_scale, torch.tensor([1]), bias, bits=bits, k=k)
+    args = (wp, w_scale, a_scale, torch.tensor([1]), bias)
+    y = qlinear(x, *args, bits=bits, k=k)
+    y_clean = qlinear(clean, *args, bits=bits, k=k)
+    nan_rows = [0, 7, 28]
+    assert torch.isnan(y).any(1).nonzero().flatten().tolist() == nan_rows and torch.isnan(y[nan_rows]).all()
+    keep = [r for r in range(m) if r not in nan_rows]
+    assert bits_equal(y[keep], y_clean[keep])
+    check_close(y_clean, quantize_x(clean, a_scale[1]) @ w.to(torch.int64).T, a_scale[1] * w_scale, bias, dtype)
     xd = quantize_x_float(x, a_scale[1]).to(torch.float64) * float(a_scale[1])
-    ref = check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None],
-                                   bias.to(torch.float64), F.linear, dtype)
-    assert torch.isnan(ref).any(1).nonzero().flatten().tolist() == [0, 7, 28]
+    check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None],
+                             bias.to(torch.float64), F.linear, dtype)
 
 
 @pytest.mark.filterwarnings(NAN_CAST_WARNING)
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4]],
                          ids=["general_k", "aligned_s2", "dilated_stem"])
-def test_qconv2d_nan_receptive_fields_like_the_reference(case):
-    """NaN pixels (one on the border, one in a later channel) poison exactly the output pixels whose
-    receptive field holds them, in every output channel; zero padding stays zero."""
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float16), (4, torch.bfloat16), (8, torch.bfloat16)])
+def test_qconv2d_nan_receptive_fields_like_the_reference(case, bits, dtype):
+    """NaN pixels (one on the border, one a sign-bit NaN in the last channel) poison exactly the output
+    pixels whose receptive field holds them, in every output channel; zero padding stays zero; +inf
+    clamps; every other output has the bits it has without the NaNs."""
     b, cin, h, w_, cout, ks, st, pad, dil = case
-    gen = torch.Generator().manual_seed(cin + h)
-    w = torch.randint(-127, 128, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
-    wp = w.permute(0, 2, 3, 1).reshape(cout, ks * ks * cin).contiguous()
+    gen = torch.Generator().manual_seed(cin + h + bits)
+    q = 7 if bits == 4 else 127
+    w = torch.randint(-q, q + 1, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
+    wg = w.permute(0, 2, 3, 1).reshape(cout, ks * ks * cin).contiguous()
+    wp = pack_int4(wg) if bits == 4 else wg
     w_scale = torch.rand(cout, generator=gen) * 0.02 + 0.001
     a_scale = torch.tensor([0.03])
-    x = (torch.randn(b, cin, h, w_, generator=gen) * 0.5).half()
+    clean = (torch.randn(b, cin, h, w_, generator=gen) * 0.5).to(dtype)
+    clean[0, cin // 2, h - 1, 1] = BIG[dtype]
+    x = clean.clone()
     x[0, 0, 0, w_ - 1] = float("nan")
-    x[-1, cin - 1, h // 2, w_ // 2] = float("nan")
-    x[0, cin // 2, h - 1, 1] = float("inf")
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = qconv2d(x, wp, w_scale, a_scale, torch.tensor([0]), None, bits=8, in_channels=cin, kernel_size=ks,
-                stride=st, padding=pad, dilation=dil)
+    poke(x, (-1, cin - 1, h // 2, w_ // 2), EDGE_BITS[dtype]["nan_neg"])
+    poke(x, (0, cin // 2, h - 1, 1), EDGE_BITS[dtype]["inf"])
+    clean[0, 0, 0, w_ - 1] = clean[-1, cin - 1, h // 2, w_ // 2] = 0.0
+    x, clean = (t.contiguous(memory_format=torch.channels_last) for t in (x, clean))
+    bias = torch.randn(cout, generator=gen)
+    geo = dict(bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad, dilation=dil)
+    y = qconv2d(x, wp, w_scale, a_scale, torch.tensor([0]), bias, **geo)
+    y_clean = qconv2d(clean, wp, w_scale, a_scale, torch.tensor([0]), bias, **geo)
     xd = quantize_x_float(x, a_scale[0]).to(torch.float64) * float(a_scale[0])
-    check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None, None, None], None,
-                             F.conv2d, torch.float16, stride=st, padding=pad, dilation=dil)
+    ref = check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None, None, None],
+                                   bias.to(torch.float64), F.conv2d, dtype, stride=st, padding=pad, dilation=dil)
+    pix_nan = torch.isnan(ref).any(1, keepdim=True)
+    assert torch.equal(torch.isnan(ref), pix_nan.expand_as(ref))  # every channel of a poisoned pixel
+    ok = ~torch.isnan(y)
+    assert torch.equal(y[ok].view(torch.int16), y_clean[ok].view(torch.int16))
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_ops_match_the_reference_backend_on_nan(dtype):
+    """The triton backend's ops (tgpq.backends.triton, the kernels through the interpreter) against the
+    reference backend's own forward on the same QLinear / QConv2d: NaN in the same outputs, the rest close.
+    No infinities here: the reference backend's fake-quantization rounds with a straight-through estimator,
+    ``(round(v) - v).detach() + v``, which is NaN for v = +-inf (main, tgpq/numerics/activations.py), where
+    the kernels, the cpu backend and ``quantize_act`` clamp (the tests above pin the kernels' clamp)."""
+    from tgpq.backends import triton as tb
+    from tgpq.nn import QConv2d, QLinear
+    from tgpq.numerics import mse_weight_scale, quantize_weight
+    from tgpq.recipe import LayerQState
+
+    gen = torch.Generator().manual_seed(17)
+    torch.manual_seed(17)
+    conv, lin = torch.nn.Conv2d(9, 12, 3, padding=1), torch.nn.Linear(40, 11)
+    xc = torch.randn(2, 9, 7, 6, generator=gen).to(dtype)
+    xc[1, 4, 3, 0] = float("nan")
+    xl = torch.randn(5, 40, generator=gen).to(dtype)
+    xl[2, 39] = float("nan")
+    with torch.no_grad():
+        for fl, x in ((conv, xc), (lin, xl)):
+            s = mse_weight_scale(fl.weight, 8)
+            cls = QConv2d if isinstance(fl, torch.nn.Conv2d) else QLinear
+            layer = cls.from_float(fl, LayerQState(quantize_weight(fl.weight, s, 8), s, torch.tensor([0.05])), 8)
+            layer.backend = "reference"
+            ref = layer(x.float())
+            if cls is QLinear:
+                got = tb.qlinear_cuda(x, layer.w_packed, None, layer.w_scale, layer.a_scale, layer.group_index,
+                                      layer.bias, 8, layer.out_features_, layer.in_features, 0)
+            else:
+                got = tb.qconv2d_cuda(x.contiguous(memory_format=torch.channels_last), layer.w_packed, None,
+                                      layer.w_scale, layer.a_scale, layer.group_index, layer.bias, 8,
+                                      layer.out_channels, layer.in_channels, layer.kernel_size, layer.stride,
+                                      layer.padding, layer.dilation, 0)
+            assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+            ok = ~torch.isnan(ref)
+            assert torch.allclose(got[ok].float(), ref[ok], rtol=ULP[dtype], atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------
