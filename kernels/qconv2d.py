@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import configs
 from ._launch import INT32_MAX, check_common, interpreted, raw_python_fn
-from .qgemm import NAN_ALL, NAN_RUN, ROUND_MAGIC, _max_nan
+from .qgemm import BF16_NAN_BITS, NAN_ALL, NAN_RUN, ROUND_MAGIC, _elementwise_max, _max_nan
 
 
 # index-only integers are not specialized (see qgemm.py): H, W, HO, WO and M change with the layer and the
@@ -77,7 +77,7 @@ def qconv2d_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     # NaN rows: each thread folds its own K runs of every A tile into per-run partials (see the module docstring)
     FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-    nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.float32)
+    nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.int16)
     for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         k0 = kt * BLOCK_K
         if CIN_ALIGNED:
@@ -101,8 +101,12 @@ def qconv2d_kernel(
             ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (kk < K)[None, :]
             x_ptrs = x_ptr + x_row[:, None] + ((r * DH) * stride_xh + (s * DW) * stride_xw + c)[None, :]
             xa = tl.load(x_ptrs, mask=ok, other=0.0)
-        runs = tl.reshape(xa if FP16 else xa.to(tl.float32), (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
-        nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        if FP16:
+            runs = tl.reshape(xa, (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
+            nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        else:
+            runs = tl.reshape(xa.to(tl.int16, bitcast=True) & 0x7FFF, (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
+            nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _elementwise_max))
         v = tl.minimum(tl.maximum(xa.to(tl.float32) * inv, -127.0), 127.0)
         a = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
         if BITS == 8:
@@ -124,8 +128,11 @@ def qconv2d_kernel(
         else:
             w_ptrs += BLOCK_K // 2
 
-    row_max = tl.reduce(nan_part, 1, _max_nan)
-    row_has_nan = row_max != row_max
+    if FP16:
+        row_max = tl.reduce(nan_part, 1, _max_nan)
+        row_has_nan = row_max != row_max
+    else:
+        row_has_nan = tl.reduce(nan_part, 1, _elementwise_max) > BF16_NAN_BITS
     row_nan = tl.where(row_has_nan, float("nan"), 0.0)
     offs_ym = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_yn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

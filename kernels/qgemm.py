@@ -23,23 +23,23 @@ Non-finite activations (issue 14), as the reference backend (fake-quantize, then
 row of x that holds a NaN gives a NaN row of y; +-inf is clamped to +-127 steps like any large value.
 The quantization itself cannot carry a NaN (the clamp and the int8 cast turn it into a finite step), so
 the kernel finds NaN rows beside it. Each thread folds its own 8-element K run (one 16-byte load) of
-every A tile into a per-run partial ``nan_part`` [BLOCK_M, BLOCK_K // 8] with a NaN-propagating max
-(PTX ``max.NaN``; +-inf never makes a NaN), with no shuffles in the loop: fp16 as loaded (packed
-``f16x2``), bf16 as the fp32 values the quantization computes anyway (the interpreter holds bf16 as raw
-bits, where a 16-bit max would be an integer max; fp32 is exact there too, and cheaper on the GPU than
-an integer max of the bits: 431 vs 521 K-loop instructions for the W8A8 GEMM on sm_80, triton 3.6).
-Masked and padded elements load as 0 and never flag a row. After the loop the partials are folded per
-row into ``row_nan`` (NaN or +0), which the epilogue adds last, after the scale and the bias: finite
-outputs keep their bits (y + 0.0 == y; y is never -0.0, the scales being positive), and an add lets the
-Gluon kernel convert ``row_nan`` to the accumulator's layout while its last wgmma is in flight (a select
-on a converted flag there made ptxas serialize the wgmma, triton 3.6). The quantized values of a NaN row
-are whatever the clamp makes of the NaN: that row of the accumulator is never used.
+every A tile into a per-run partial ``nan_part`` [BLOCK_M, BLOCK_K // 8], with no shuffles in the loop:
+fp16 by a NaN-propagating max (PTX ``max.NaN.f16x2``; +-inf never makes a NaN), bf16 by an integer max
+of the bits without the sign (a NaN iff above 0x7F80: the interpreter holds bf16 as raw bits, so the CPU
+tests check the very same integer code). Masked and padded elements load as 0 and never flag a row.
+After the loop the partials are folded per row into ``row_nan`` (NaN or +0), which the epilogue adds
+last, after the scale and the bias: finite outputs keep their bits (y + 0.0 == y; y is never -0.0, the
+scales being positive), and the add lets the Gluon kernel convert ``row_nan`` to the accumulator's
+layout while its last wgmma is in flight (a select on a converted flag there makes ptxas serialize the
+wgmma; measured with triton 3.6). The quantized
+values of a NaN row are whatever the clamp makes of the NaN: that row of the accumulator is never used.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.standard import _elementwise_max  # tl.max's combine (the interpreter's np.max)
 
 from . import configs
 from ._launch import INT32_MAX, check_common, interpreted, raw_python_fn
@@ -47,6 +47,7 @@ from ._launch import INT32_MAX, check_common, interpreted, raw_python_fn
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 NAN_RUN = tl.constexpr(8)  # K elements of one thread's 16-byte fp16/bf16 load: folded in its registers per tile
+BF16_NAN_BITS = tl.constexpr(0x7F80)  # |bf16 bits| above this (exponent all ones, mantissa not 0) is a NaN
 
 
 @triton.jit
@@ -103,14 +104,18 @@ def qgemm_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     # NaN rows: each thread folds its own K runs of every A tile into per-run partials (see the module docstring)
     FP16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-    nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.float32)
+    nan_part = tl.full((BLOCK_M, BLOCK_K // NAN_RUN), 0, tl.float16 if FP16 else tl.int16)
     for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if EVEN_K:
             xa = tl.load(x_ptrs)
         else:
             xa = tl.load(x_ptrs, mask=offs_k[None, :] < K - kt * BLOCK_K, other=0.0)
-        runs = tl.reshape(xa if FP16 else xa.to(tl.float32), (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
-        nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        if FP16:
+            runs = tl.reshape(xa, (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
+            nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        else:
+            runs = tl.reshape(xa.to(tl.int16, bitcast=True) & 0x7FFF, (BLOCK_M, BLOCK_K // NAN_RUN, NAN_RUN))
+            nan_part = tl.maximum(nan_part, tl.reduce(runs, 2, _elementwise_max))
         v = tl.minimum(tl.maximum(xa.to(tl.float32) * inv, -127.0), 127.0)
         a = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
         if BITS == 8:
@@ -134,8 +139,11 @@ def qgemm_kernel(
         else:
             w_ptrs += BLOCK_K // 2
 
-    row_max = tl.reduce(nan_part, 1, _max_nan)
-    row_has_nan = row_max != row_max
+    if FP16:
+        row_max = tl.reduce(nan_part, 1, _max_nan)
+        row_has_nan = row_max != row_max
+    else:
+        row_has_nan = tl.reduce(nan_part, 1, _elementwise_max) > BF16_NAN_BITS
     row_nan = tl.where(row_has_nan, float("nan"), 0.0)
     offs_ym = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_yn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

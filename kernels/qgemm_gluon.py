@@ -55,6 +55,11 @@ def _max_nan(a, b):
 
 
 @gluon.jit
+def _max_int(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
 def qgemm_w8a8_gluon_kernel(
     x_ptr, w_ptr, y_ptr, w_scale_ptr, a_scale_ptr, group_ptr, bias_ptr,
     M, N, K, NUM_GROUPS,
@@ -92,15 +97,19 @@ def qgemm_w8a8_gluon_kernel(
     run_l: gl.constexpr = gl.BlockedLayout([1, 1, 16], [32 // (BLOCK_K // 16), BLOCK_K // 16, 1], [gl.num_warps(), 1, 1],
                                            [2, 1, 0])
     FP16: gl.constexpr = x_ptr.dtype.element_ty == gl.float16
-    nan_part = gl.zeros([BLOCK_M, BLOCK_K // 16], gl.float16 if FP16 else gl.float32, gl.SliceLayout(2, run_l))
+    nan_part = gl.zeros([BLOCK_M, BLOCK_K // 16], gl.float16 if FP16 else gl.int16, gl.SliceLayout(2, run_l))
     num_k = K // BLOCK_K
     for kt in range(num_k):
         s = kt % 2
         xa = gl.load(x_ptrs + kt * BLOCK_K)
         b = gl.load(w_ptrs + kt * BLOCK_K)
-        xr = xa if FP16 else xa.to(gl.float32)
-        runs = gl.convert_layout(gl.reshape(xr, [BLOCK_M, BLOCK_K // 16, 16]), run_l)
-        nan_part = gl.maximum(nan_part, gl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        if FP16:
+            runs = gl.convert_layout(gl.reshape(xa, [BLOCK_M, BLOCK_K // 16, 16]), run_l)
+            nan_part = gl.maximum(nan_part, gl.reduce(runs, 2, _max_nan), propagate_nan=NAN_ALL)
+        else:
+            bits = xa.to(gl.int16, bitcast=True) & 0x7FFF
+            runs = gl.convert_layout(gl.reshape(bits, [BLOCK_M, BLOCK_K // 16, 16]), run_l)
+            nan_part = gl.maximum(nan_part, gl.reduce(runs, 2, _max_int))
         v = gl.minimum(gl.maximum(xa.to(gl.float32) * inv, -127.0), 127.0)
         a = ((v + ROUND_MAGIC) - ROUND_MAGIC).to(gl.int8)
         a_smem.index(s).store(a)
@@ -112,8 +121,11 @@ def qgemm_w8a8_gluon_kernel(
         _cta_barrier()  # WAR: every warpgroup has retired wgmma(kt-1), so slot 1-s may be overwritten
     # NaN or +0 per row (qgemm.py), folded and moved to the accumulator's row layout while the last wgmma is in
     # flight; added last
-    row_max = gl.reduce(nan_part, 1, _max_nan)
-    row_has_nan = row_max != row_max
+    if FP16:
+        row_max = gl.reduce(nan_part, 1, _max_nan)
+        row_has_nan = row_max != row_max
+    else:
+        row_has_nan = gl.reduce(nan_part, 1, _max_int) > 0x7F80
     row_nan = gl.convert_layout(gl.where(row_has_nan, float("nan"), 0.0), gl.SliceLayout(1, acc_l))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
