@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_kernels as bk  # noqa: E402
 import gpu_suite as gs  # noqa: E402
+from gpusuite import core  # noqa: E402
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -41,7 +42,7 @@ def test_plan_divides_the_budget_by_priority():
 
 
 def test_a_step_is_stopped_at_its_deadline(tmp_path, monkeypatch):
-    monkeypatch.setattr(gs, "WORK", str(tmp_path / "work"))
+    monkeypatch.setattr(core, "WORK", str(tmp_path / "work"))  # Suite reads it there
     s = gs.Suite(str(tmp_path / "out"), 60.0, gs.PAYLOAD, sys.executable, cpu_mode=True)
     t = time.time()
     r = s.run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
