@@ -221,6 +221,9 @@ def train(args) -> None:
         if args.max_steps and step >= args.max_steps:
             reason = "max-steps"
             break
+        if args.steps and step - step0 >= args.steps:
+            reason = "steps"
+            break
         if (time.monotonic() - t_start) / 60 >= args.max_minutes:
             break
         if args.stop_at and time.time() >= args.stop_at:
@@ -468,7 +471,8 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=600.0)
-    p.add_argument("--max-steps", type=int, default=0, help="0 = unbounded")
+    p.add_argument("--max-steps", type=int, default=0, help="stop at this step count (0 = unbounded)")
+    p.add_argument("--steps", type=int, default=0, help="at most this many steps in this run (0 = unbounded)")
     p.add_argument("--stop-at", type=float, default=0.0, metavar="UNIX_TIME",
                    help="also stop (and checkpoint) at this wall-clock time, data loading included (the GPU suite's "
                         "deadline); 0 = none")
