@@ -99,6 +99,20 @@ def test_out_check_enforces_the_device_tools_limits(tmp_path):
     assert "10 files in OUT" in text and "summary.json missing" in text
 
 
+def test_rehearsal_finds_steps_that_did_no_work():
+    from gpusuite.rehearse import work_done
+
+    done = {"correctness": {"status": "ok", "tests": {"counts": {"passed": 3, "skipped": 40}}},
+            "kernels": {"status": "ok", "rows": 4}, "sampling": {"status": "ok", "cells": [{"status": "ok"}]},
+            "train": {"status": "ok", "train": {"steps_this_run": 2}, "heldout": {"heldout_loss": 0.02}}}
+    assert work_done(done) == []
+    idle = {"correctness": {"status": "ok", "tests": {"counts": {"skipped": 40}}}, "kernels": {"status": "ok", "rows": 0},
+            "sampling": {"status": "ok", "cells": [{"status": "error"}]},
+            "train": {"status": "ok", "train": {"steps_this_run": 0}, "heldout": {"heldout_loss": 0.02}}}
+    assert [p.split(":")[0] for p in work_done(idle)] == ["step correctness", "step kernels", "step sampling",
+                                                           "step train"]
+
+
 def test_unet_layer_list_is_what_a_converted_ddpm_unet_runs():
     """UNET_QLAYERS (the kernel benchmark's conv shapes and the precompile list) against the layers tgpq
     quantizes in the full-size DDPM CIFAR-10 UNet (``quantizable_layers`` with the default exclude list) and

@@ -122,7 +122,8 @@ def step_install(s: Suite, deadline):
     else:
         res["cuda_build"] = dict(status="skipped", reason="no CUDA toolkit / CUDA torch here" if s.cpu_mode or not
                                  (nvcc and tcuda) else "the CPU build failed")
-    ok = res["wheels"]["rc"] == 0 and res["imports"].get("extension") is True
+    built = s.ci or res["build"].get("rc") == 0  # --ci copies the compiled package instead
+    ok = res["wheels"]["rc"] == 0 and built and res["imports"].get("extension") is True
     return dict(status="ok" if ok else "failed", reason=None if ok else "see wheels / build / imports", **res)
 
 
@@ -174,7 +175,8 @@ def step_correctness(s: Suite, deadline):
     if s.cpu_mode:  # what the GPU tests cannot show here: the kernels' numerics in the interpreter
         res["interpreter_tests"] = s.run(
             s.python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_suite", "tests/test_triton_kernels.py",
-                     "-k", "nan or exact_ties"), os.path.join(d, "pytest_interpreter.log"), deadline, env=env)
+                     "-k", "exact_ties" if s.ci else "nan or exact_ties"), os.path.join(d, "pytest_interpreter.log"),
+            deadline, env=env)
     # the CUDA ops, if their background build is done by now
     if building:
         try:
@@ -226,7 +228,8 @@ def step_sampling(s: Suite, deadline):
     argv = s.python(os.path.join(BENCH, "bench_sampling.py"), "--out", d, "--tag", "suite")
     if s.cpu_mode:
         argv += ["--cpu", "--models", "tiny-ddpm", "--batches", "1", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                 "--max-seconds", "2", "--threads", "1", "--variants", "fp32-eager", "tgpq-w8a8-cpu", "tgpq-w4a8-cpu",
+                 "--max-seconds", "2", "--threads", "1", "--variants", "fp32-eager", "tgpq-w8a8-cpu",
+                 *([] if s.ci else ["tgpq-w4a8-cpu"]),
                  "--total-seconds", str(max(5.0, left - 20.0))]
     else:
         variants = list(SAMPLING_VARIANTS)
@@ -264,7 +267,7 @@ def step_train(s: Suite, deadline):
                     "--ckpt", ckpt, "--save-every-min", "1", "--log-every-min", "0.25",
                     "--stop-at", f"{deadline - export_reserve:.1f}", "--ema-decay", "0.999")
     if s.cpu_mode:
-        argv += ["--device", "cpu", "--batch-size", "4", "--max-steps", "2", "--threads", "1", "--warmup", "1"]
+        argv += ["--device", "cpu", "--batch-size", "4", "--steps", "2", "--threads", "1", "--warmup", "1"]
     else:
         argv += ["--device", "cuda", "--batch-size", "128", "--lr", "2e-4", "--warmup", "100", "--threads", "4"]
     r = s.run(argv, os.path.join(d, "train.log"), deadline - export_reserve + GRACE_S)
