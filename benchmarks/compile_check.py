@@ -62,17 +62,19 @@ CONFIGS = {("gemm", "sm_90"): configs.GEMM_SM90, ("gemm", "sm_80"): configs.GEMM
            # the experimental Gluon wgmma kernel: Hopper only, one config (kernels/qgemm_gluon.py)
            ("gluon", "sm_90"): ((128, 128, 64, 8, 1), ), ("gluon", "sm_80"): ()}
 
+# The kernels' do_not_specialize integers (M, NUM_GROUPS, M_BUCKET; conv also H, W, HO, WO) never get a
+# divisibility hint at run time, so they get none here.
 _GEMM_SIG = {
     "x_ptr": "*fp16:16", "w_ptr": "*i8:16", "y_ptr": "*fp16:16", "w_scale_ptr": "*fp32:16",
     "a_scale_ptr": "*fp32:16", "group_ptr": "*i64:16", "bias_ptr": "*fp32:16",
-    "M": "i32", "N": "i32:16", "K": "i32:16", "KP": "i32:16", "NUM_GROUPS": "i32", "M_BUCKET": "i32:16",
+    "M": "i32", "N": "i32:16", "K": "i32:16", "KP": "i32:16", "NUM_GROUPS": "i32", "M_BUCKET": "i32",
     "stride_xm": "i32:16", "stride_wn": "i32:16", "stride_ym": "i32:16",
 }
 _CONV_SIG = {
     "x_ptr": "*fp16:16", "w_ptr": "*i8:16", "y_ptr": "*fp16:16", "w_scale_ptr": "*fp32:16",
     "a_scale_ptr": "*fp32:16", "group_ptr": "*i64:16", "bias_ptr": "*fp32:16",
-    "H": "i32:16", "W": "i32:16", "CIN": "i32:16", "HO": "i32:16", "WO": "i32:16", "M": "i32:16",
-    "N": "i32:16", "K": "i32:16", "KP": "i32:16", "NUM_GROUPS": "i32", "M_BUCKET": "i32:16",
+    "H": "i32", "W": "i32", "CIN": "i32:16", "HO": "i32", "WO": "i32", "M": "i32",
+    "N": "i32:16", "K": "i32:16", "KP": "i32:16", "NUM_GROUPS": "i32", "M_BUCKET": "i32",
     "stride_xb": "i32:16", "stride_xh": "i32:16", "stride_xw": "i32:16", "stride_wn": "i32:16",
 }
 

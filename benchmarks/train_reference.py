@@ -85,13 +85,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
+        """``s = d * s + (1 - d) * v`` for float entries (two foreach ops: a few launches on CUDA
+        instead of two per tensor), a copy for the others."""
         d = min(self.decay, (1 + step) / (10 + step))
+        fs, fv = [], []
         for k, v in model.state_dict().items():
-            s = self.shadow[k]
             if v.is_floating_point():
-                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+                fs.append(self.shadow[k])
+                fv.append(v.detach().float())
             else:
-                s.copy_(v)
+                self.shadow[k].copy_(v)
+        torch._foreach_mul_(fs, d)
+        torch._foreach_add_(fs, fv, alpha=1 - d)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -200,6 +205,7 @@ def train(args) -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
     t_start = time.monotonic()
+    step0, images0 = step, images_seen
     t_save = t_start
     t_log, img_log = t_start, 0
     loss_sum, loss_cnt = 0.0, 0
@@ -215,7 +221,13 @@ def train(args) -> None:
         if args.max_steps and step >= args.max_steps:
             reason = "max-steps"
             break
+        if args.steps and step - step0 >= args.steps:
+            reason = "steps"
+            break
         if (time.monotonic() - t_start) / 60 >= args.max_minutes:
+            break
+        if args.stop_at and time.time() >= args.stop_at:
+            reason = "stop-at"
             break
         if perm is None or perm_pos + args.batch_size > n:
             perm, perm_pos = torch.randperm(n, generator=gen), 0
@@ -244,16 +256,17 @@ def train(args) -> None:
         step += 1
         images_seen += x0.shape[0]
         img_log += x0.shape[0]
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.detach()  # a device tensor: no host sync per step (read at log time)
         loss_cnt += 1
 
         now = time.monotonic()
         if now - t_log >= (5 if interactive else args.log_every_min * 60):
             ips = img_log / (now - t_log)
-            bar.set_postfix(loss=f"{loss_sum / loss_cnt:.4f}", img_s=f"{ips:.1f}", refresh=False)
+            mean_loss = float(loss_sum) / loss_cnt
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
             if not interactive:
                 tqdm.write(f"[{time.strftime('%H:%M:%S')}] step {step} images {images_seen} "
-                           f"loss {loss_sum / loss_cnt:.4f} lr {lr_at(step, args.lr, args.warmup):.2e} {ips:.1f} img/s")
+                           f"loss {mean_loss:.4f} lr {lr_at(step, args.lr, args.warmup):.2e} {ips:.1f} img/s")
             t_log, img_log, loss_sum, loss_cnt = now, 0, 0.0, 0
         bar.update(1)
         if now - t_save >= args.save_every_min * 60:
@@ -263,25 +276,63 @@ def train(args) -> None:
     checkpoint(reason)
     elapsed = time.monotonic() - t_start
     print(f"stopped ({reason}) at step {step}; {elapsed / 60:.1f} min this run", flush=True)
+    run = {"reason": reason, "step": step, "images_seen": images_seen, "steps_this_run": step - step0,
+           "images_this_run": images_seen - images0, "seconds": round(elapsed, 1),
+           "images_per_s": round((images_seen - images0) / max(elapsed, 1e-9), 1), "device": str(device),
+           "precision": "bf16" if use_autocast else "fp32", "batch_size": args.batch_size}
+    print("TRAIN_RUN " + json.dumps(run), flush=True)  # one line for scripts (benchmarks/gpu_suite.py)
 
 
 # ----------------------------------------------------------------------------- export / eval
+
+TEST_IMAGES = 10000
+HELDOUT_FILE = "test_heldout.npz"  # the held-out images alone, for a machine without test.npz (the GPU suite's)
+
+
+def heldout_indices(n_images: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED) -> torch.Tensor:
+    """Indices into the CIFAR-10 test set of the held-out images (the first ``n_images`` of a seeded shuffle)."""
+    return torch.randperm(TEST_IMAGES, generator=torch.Generator().manual_seed(seed))[:n_images]
+
+
+def load_heldout_chw(idx: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[len(idx), 3, 32, 32]``: test images ``idx``, from ``test.npz`` or else from ``test_heldout.npz``
+    beside it (arrays ``indices`` and ``images``, written by ``write_heldout``) when that holds them all."""
+    from tgpq.eval.cifar10 import default_cifar_root
+
+    root = default_cifar_root()
+    if not (root / "test.npz").is_file() and (root / HELDOUT_FILE).is_file():
+        with np.load(root / HELDOUT_FILE, allow_pickle=False) as f:
+            where = {int(i): j for j, i in enumerate(f["indices"])}
+            missing = [int(i) for i in idx if int(i) not in where]
+            if missing:
+                raise ValueError(f"{root / HELDOUT_FILE} lacks test images {missing[:5]}...: write it with more images")
+            imgs = f["images"][[where[int(i)] for i in idx]]
+        return torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
+    return load_split_chw("test")[idx]
+
+
+def write_heldout(path, n_images: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED) -> None:
+    """Write the held-out test images (``indices``, ``images`` uint8 HWC) for ``heldout_loss`` elsewhere."""
+    imgs, _ = load_cifar10("test")
+    idx = heldout_indices(n_images, seed).numpy()
+    np.savez(path, indices=idx.astype(np.int64), images=imgs[idx])
+
 
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, n_images: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED,
                  batch_size: int = 250) -> float:
     """Mean epsilon-MSE of ``model`` (fp32) on the first ``n_images`` of a seeded shuffle of the
     CIFAR-10 test set, with timesteps and noise drawn from the same seed (identical every call)."""
-    test = load_split_chw("test")
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(test.shape[0], generator=gen)[:n_images]
+    idx = torch.randperm(TEST_IMAGES, generator=gen)[:n_images]  # = heldout_indices(n_images, seed)
+    test = load_heldout_chw(idx)
     t_all = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n_images,), generator=gen)
     noise_all = torch.randn((n_images, 3, 32, 32), generator=gen)
     acp = alphas_cumprod()
     model = model.float().eval()
     total = 0.0
     for i in range(0, n_images, batch_size):
-        x0 = to_model_range(test[idx[i:i + batch_size]])
+        x0 = to_model_range(test[i:i + batch_size])
         t, noise = t_all[i:i + batch_size], noise_all[i:i + batch_size]
         pred = model(noised(x0, t, noise, acp), t).sample
         total += F.mse_loss(pred, noise, reduction="sum").item()
@@ -313,7 +364,7 @@ def export(args) -> None:
 
     # held-out loss of the weights as shipped (fp16 -> fp32), exactly what users load
     shipped = load_reference_model(out)
-    loss = heldout_loss(shipped)
+    loss = heldout_loss(shipped, args.heldout_images)
     a = state["args"]
     cmd = (f"python benchmarks/train_reference.py --ckpt {a['ckpt']} --batch-size {a['batch_size']} --lr {a['lr']} "
            f"--warmup {a['warmup']} --ema-decay {a['ema_decay']} --precision {a['precision']} --threads {a['threads']}")
@@ -341,7 +392,7 @@ on {hardware} ({precision}). Weights are the EMA weights, stored as float16.
 | optimiser (latest run) | AdamW lr {a['lr']} (linear warmup {a['warmup']} steps), weight decay {a['weight_decay']}, grad clip {a['grad_clip']}, batch {a['batch_size']} |
 | EMA decay | {a['ema_decay']} (effective min(decay, (1+step)/(10+step))) |
 | steps / images seen | {state['step']:,} / {state['images_seen']:,} ({state['images_seen'] / 50000:.1f} epochs) |
-| held-out loss | {loss:.5f} (eps-MSE, fp32, {HELDOUT_IMAGES} CIFAR-10 test images, seed {HELDOUT_SEED}: fixed images, timesteps and noise) |
+| held-out loss | {loss:.5f} (eps-MSE, fp32, {args.heldout_images} CIFAR-10 test images, seed {HELDOUT_SEED}: fixed images, timesteps and noise) |
 | checkpoint saved | {state.get('saved_at', '?')} |
 | exported | {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} |
 
@@ -364,6 +415,16 @@ Sampling: `DDIMScheduler(num_train_timesteps=1000)` (defaults) with `tgpq.load_r
     out.with_suffix(".md").write_text(md)
     print(f"exported step {state['step']} ({state['images_seen']} images) -> {out} "
           f"({out.stat().st_size / 1e6:.2f} MB), held-out loss {loss:.5f}", flush=True)
+    print("HELDOUT " + json.dumps({"file": str(out), "heldout_loss": loss, "images": args.heldout_images,
+                                   "step": state["step"], "images_seen": state["images_seen"]}), flush=True)
+
+
+def evaluate(args) -> None:
+    """``--eval FILE``: held-out loss of exported weights (one JSON line, for scripts)."""
+    torch.set_num_threads(args.threads)
+    loss = heldout_loss(load_reference_model(args.eval), args.heldout_images)
+    print("HELDOUT " + json.dumps({"file": args.eval, "heldout_loss": loss, "images": args.heldout_images}),
+          flush=True)
 
 
 @torch.no_grad()
@@ -410,17 +471,26 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=600.0)
-    p.add_argument("--max-steps", type=int, default=0, help="0 = unbounded")
+    p.add_argument("--max-steps", type=int, default=0, help="stop at this step count (0 = unbounded)")
+    p.add_argument("--steps", type=int, default=0, help="at most this many steps in this run (0 = unbounded)")
+    p.add_argument("--stop-at", type=float, default=0.0, metavar="UNIX_TIME",
+                   help="also stop (and checkpoint) at this wall-clock time, data loading included (the GPU suite's "
+                        "deadline); 0 = none")
     p.add_argument("--save-every-min", type=float, default=10.0)
     p.add_argument("--log-every-min", type=float, default=2.0)
     p.add_argument("--export", action="store_true", help="export EMA weights of --ckpt to --out")
     p.add_argument("--sample-grid", default=None, metavar="PNG", help="sample an 8x8 DDIM grid from --out")
     p.add_argument("--sample-steps", type=int, default=50, help="--sample-grid: DDIM steps")
     p.add_argument("--note", default="", help="--export: a paragraph added to the model card")
+    p.add_argument("--heldout-images", type=int, default=HELDOUT_IMAGES,
+                   help=f"--export / --eval: held-out test images (default {HELDOUT_IMAGES}; the GPU suite uses fewer)")
+    p.add_argument("--eval", default=None, metavar="SAFETENSORS", help="print the held-out loss of exported weights")
     p.add_argument("--out", default=str(REPO / "src" / "tgpq" / "assets" / "reference_unet.safetensors"))
     args = p.parse_args(argv)
     if args.export:
         export(args)
+    elif args.eval:
+        evaluate(args)
     elif args.sample_grid:
         sample_grid(args)
     else:

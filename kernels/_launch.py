@@ -46,13 +46,14 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
-def check_common(x, w_packed, w_scale, a_scale, group_index, bias, *, bits: int, k: int, what: str):
+def check_common(x, w_packed, w_scale, a_scale, group_index, bias, *, bits: int, k: int, what: str,
+                 devices=("cuda", "cpu")):
     """Checks shared by qlinear and qconv2d. Returns N (output channels).
 
     ``x`` floating fp16/bf16; ``w_packed`` int8 [N, packed_k(k, bits)] row-major contiguous;
     ``w_scale`` float32 [N] contiguous; ``a_scale`` float32 1-D non-empty contiguous;
     ``group_index`` int32/int64 with one element; ``bias`` None or floating [N] contiguous;
-    all on x's device.
+    all on x's device, whose type is one of ``devices`` (the precompile functions also take "meta").
     """
     check_bits(bits)
     if not isinstance(x, torch.Tensor):
@@ -60,7 +61,7 @@ def check_common(x, w_packed, w_scale, a_scale, group_index, bias, *, bits: int,
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"{what}: x must be float16 or bfloat16, got {x.dtype}")
     dev = x.device
-    if dev.type not in ("cuda", "cpu"):
+    if dev.type not in devices:
         raise ValueError(f"{what}: x is on {dev}; only CUDA (or CPU through the Triton interpreter) is supported")
     for name, t in (("w_packed", w_packed), ("w_scale", w_scale), ("a_scale", a_scale),
                     ("group_index", group_index), ("bias", bias)):

@@ -43,10 +43,15 @@ def pack_int4(w: torch.Tensor) -> torch.Tensor:
     return ((lo & 0xF) | (hi << 4)).to(torch.int8)
 
 
-def quantize_x(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
-    """The kernels' activation quantization, in torch: int64, same shape."""
+def quantize_x_float(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, in torch, as float32 integers (NaN stays NaN, inf clamps)."""
     inv = torch.reciprocal(a_s.to(torch.float32))
-    return torch.clamp(torch.round(x.to(torch.float32) * inv), -127, 127).to(torch.int64)
+    return torch.clamp(torch.round(x.to(torch.float32) * inv), -127, 127)
+
+
+def quantize_x(x: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, in torch: int64, same shape (finite x only)."""
+    return quantize_x_float(x, a_s).to(torch.int64)
 
 
 def make_weights(n, k, bits, gen, q=None):
@@ -222,15 +227,171 @@ def test_qconv2d_rejects_bad_input():
 
 
 # --------------------------------------------------------------------------------------------
-# On a CUDA device: the autotuned kernels at full size (skipped on CPU machines).
+# Non-finite activations (issue 14): a NaN makes exactly the outputs NaN that read it, as the reference
+# backend (fake-quantize, then compute in float) does; +-inf clamps to +-127 like any large value.
+# The interpreter casts the NaN row's quantized values to int8 with numpy, which warns; those values
+# never reach the output (the row is NaN).
+NAN_CAST_WARNING = "ignore:invalid value encountered in cast:RuntimeWarning"
+# bit patterns at the edges of the kernels' NaN test: the smallest-payload NaN, a NaN with the sign bit set,
+# and +-inf, which must not flag the row (fp16: exponent 5 bits, bf16: 8 bits)
+EDGE_BITS = {torch.float16: dict(nan_min=0x7C01, nan_neg=-0x0200, inf=0x7C00, ninf=-0x0400),
+             torch.bfloat16: dict(nan_min=0x7F81, nan_neg=-0x0040, inf=0x7F80, ninf=-0x0080)}
+BIG = {torch.float16: 60000.0, torch.bfloat16: 1e30}  # finite, far beyond 127 steps: clamps as +-inf must
+
+
+def poke(x, idx, bits):
+    """x[idx] = the fp16/bf16 value with these int16 bits (negative: the sign bit set)."""
+    x.view(torch.int16)[idx] = bits
+
+
+def bits_equal(a, b):
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def check_nan_like_reference(y, xd, wd, bias, op, dtype, **kw):
+    """y vs ``op`` (F.linear / F.conv2d) in float64 on the dequantized operands ``xd`` (NaN kept) and ``wd``:
+    the same NaN pattern, and every other output within the kernels' tolerance (see check_close)."""
+    ref = op(xd, wd, bias, **kw)
+    mag = op(xd.nan_to_num().abs(), wd.abs(), None if bias is None else bias.abs(), **kw)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), "the NaN pattern differs from the reference"
+    ok = ~torch.isnan(ref)
+    err = (y[ok].to(torch.float64) - ref[ok]).abs()
+    tol = ULP[dtype] * ref[ok].abs() + 4 * 2.0**-24 * mag[ok] + 2.0**-24
+    assert torch.isfinite(y[ok]).all() and (err <= tol).all(), float(err.max())
+    return ref
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qlinear_nan_rows_like_the_reference(bits, dtype):
+    """NaNs in the first, a middle and the masked last K tile of three rows (one a smallest-payload NaN, one
+    with the sign bit set); +-inf in two others. NaN rows are NaN in every column; every other row has the
+    bits it has when the NaNs are zeros and the infinities large finite values (which clamp the same)."""
+    gen = torch.Generator().manual_seed(11 + bits)
+    m, n, k = 29, 37, 71  # K: tiles of 32, 32 and a masked 7
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.02 + 0.001
+    a_scale = torch.tensor([0.04, 0.02])
+    e = EDGE_BITS[dtype]
+    clean = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
+    clean[3, 5], clean[4, 66] = BIG[dtype], -BIG[dtype]
+    x = clean.clone()
+    x[0, 0] = float("nan")
+    poke(x, (7, 40), e["nan_min"])
+    poke(x, (28, 70), e["nan_neg"])
+    poke(x, (3, 5), e["inf"])
+    poke(x, (4, 66), e["ninf"])
+    assert torch.isnan(x).sum() == 3 and torch.isinf(x).sum() == 2
+    clean[0, 0] = clean[7, 40] = clean[28, 70] = 0.0
+    bias = torch.randn(n, generator=gen)
+    args = (wp, w_scale, a_scale, torch.tensor([1]), bias)
+    y = qlinear(x, *args, bits=bits, k=k)
+    y_clean = qlinear(clean, *args, bits=bits, k=k)
+    nan_rows = [0, 7, 28]
+    assert torch.isnan(y).any(1).nonzero().flatten().tolist() == nan_rows and torch.isnan(y[nan_rows]).all()
+    keep = [r for r in range(m) if r not in nan_rows]
+    assert bits_equal(y[keep], y_clean[keep])
+    check_close(y_clean, quantize_x(clean, a_scale[1]) @ w.to(torch.int64).T, a_scale[1] * w_scale, bias, dtype)
+    xd = quantize_x_float(x, a_scale[1]).to(torch.float64) * float(a_scale[1])
+    check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None],
+                             bias.to(torch.float64), F.linear, dtype)
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4]],
+                         ids=["general_k", "aligned_s2", "dilated_stem"])
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float16), (4, torch.bfloat16), (8, torch.bfloat16)])
+def test_qconv2d_nan_receptive_fields_like_the_reference(case, bits, dtype):
+    """NaN pixels (one on the border, one a sign-bit NaN in the last channel) poison exactly the output
+    pixels whose receptive field holds them, in every output channel; zero padding stays zero; +inf
+    clamps; every other output has the bits it has without the NaNs."""
+    b, cin, h, w_, cout, ks, st, pad, dil = case
+    gen = torch.Generator().manual_seed(cin + h + bits)
+    q = 7 if bits == 4 else 127
+    w = torch.randint(-q, q + 1, (cout, cin, ks, ks), dtype=torch.int8, generator=gen)
+    wg = w.permute(0, 2, 3, 1).reshape(cout, ks * ks * cin).contiguous()
+    wp = pack_int4(wg) if bits == 4 else wg
+    w_scale = torch.rand(cout, generator=gen) * 0.02 + 0.001
+    a_scale = torch.tensor([0.03])
+    clean = (torch.randn(b, cin, h, w_, generator=gen) * 0.5).to(dtype)
+    clean[0, cin // 2, h - 1, 1] = BIG[dtype]
+    x = clean.clone()
+    x[0, 0, 0, w_ - 1] = float("nan")
+    poke(x, (-1, cin - 1, h // 2, w_ // 2), EDGE_BITS[dtype]["nan_neg"])
+    poke(x, (0, cin // 2, h - 1, 1), EDGE_BITS[dtype]["inf"])
+    clean[0, 0, 0, w_ - 1] = clean[-1, cin - 1, h // 2, w_ // 2] = 0.0
+    x, clean = (t.contiguous(memory_format=torch.channels_last) for t in (x, clean))
+    bias = torch.randn(cout, generator=gen)
+    geo = dict(bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad, dilation=dil)
+    y = qconv2d(x, wp, w_scale, a_scale, torch.tensor([0]), bias, **geo)
+    y_clean = qconv2d(clean, wp, w_scale, a_scale, torch.tensor([0]), bias, **geo)
+    xd = quantize_x_float(x, a_scale[0]).to(torch.float64) * float(a_scale[0])
+    ref = check_nan_like_reference(y, xd, w.to(torch.float64) * w_scale.to(torch.float64)[:, None, None, None],
+                                   bias.to(torch.float64), F.conv2d, dtype, stride=st, padding=pad, dilation=dil)
+    pix_nan = torch.isnan(ref).any(1, keepdim=True)
+    assert torch.equal(torch.isnan(ref), pix_nan.expand_as(ref))  # every channel of a poisoned pixel
+    ok = ~torch.isnan(y)
+    assert torch.equal(y[ok].view(torch.int16), y_clean[ok].view(torch.int16))
+
+
+@pytest.mark.filterwarnings(NAN_CAST_WARNING)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_ops_match_the_reference_backend_on_nan(dtype):
+    """The triton backend's ops (tgpq.backends.triton, the kernels through the interpreter) against the
+    reference backend's own forward on the same QLinear / QConv2d: NaN in the same outputs, the rest close.
+    No infinities here: the reference backend's fake-quantization rounds with a straight-through estimator,
+    ``(round(v) - v).detach() + v``, which is NaN for v = +-inf (main, tgpq/numerics/activations.py), where
+    the kernels, the cpu backend and ``quantize_act`` clamp (the tests above pin the kernels' clamp)."""
+    from tgpq.backends import triton as tb
+    from tgpq.nn import QConv2d, QLinear
+    from tgpq.numerics import mse_weight_scale, quantize_weight
+    from tgpq.recipe import LayerQState
+
+    gen = torch.Generator().manual_seed(17)
+    torch.manual_seed(17)
+    conv, lin = torch.nn.Conv2d(9, 12, 3, padding=1), torch.nn.Linear(40, 11)
+    xc = torch.randn(2, 9, 7, 6, generator=gen).to(dtype)
+    xc[1, 4, 3, 0] = float("nan")
+    xl = torch.randn(5, 40, generator=gen).to(dtype)
+    xl[2, 39] = float("nan")
+    with torch.no_grad():
+        for fl, x in ((conv, xc), (lin, xl)):
+            s = mse_weight_scale(fl.weight, 8)
+            cls = QConv2d if isinstance(fl, torch.nn.Conv2d) else QLinear
+            layer = cls.from_float(fl, LayerQState(quantize_weight(fl.weight, s, 8), s, torch.tensor([0.05])), 8)
+            layer.backend = "reference"
+            ref = layer(x.float())
+            if cls is QLinear:
+                got = tb.qlinear_cuda(x, layer.w_packed, None, layer.w_scale, layer.a_scale, layer.group_index,
+                                      layer.bias, 8, layer.out_features_, layer.in_features, 0)
+            else:
+                got = tb.qconv2d_cuda(x.contiguous(memory_format=torch.channels_last), layer.w_packed, None,
+                                      layer.w_scale, layer.a_scale, layer.group_index, layer.bias, 8,
+                                      layer.out_channels, layer.in_channels, layer.kernel_size, layer.stride,
+                                      layer.padding, layer.dilation, 0)
+            assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+            ok = ~torch.isnan(ref)
+            assert torch.allclose(got[ok].float(), ref[ok], rtol=ULP[dtype], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# On a CUDA device: the autotuned kernels at full size (skipped on CPU machines). The shapes are also in
+# benchmarks/bench_kernels.py (TEST_GEMMS / TEST_CONVS), whose --precompile compiles them ahead in the GPU
+# suite; tests/test_gpu_suite.py keeps the two lists equal.
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_GEMM_SHAPES = [(1, 1024, 1024), (333, 770, 1000), (4096, 4096, 4096)]  # (M, N, K)
+GPU_CONV_CASES = [(8, 128, 32, 32, 128, 3, 1, 1, 1), (8, 256, 16, 16, 256, 3, 2, 1, 1),
+                  (8, 384, 16, 16, 256, 1, 1, 0, 1), (4, 3, 32, 32, 128, 3, 1, 1, 1)]  # (B, Cin, H, W, Cout, k, s, p, d)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 1024, 1024), (333, 770, 1000), (4096, 4096, 4096)])
+@pytest.mark.parametrize("m,n,k", GPU_GEMM_SHAPES)
 def test_qlinear_gpu_full_size(bits, dtype, m, n, k):
     gen = torch.Generator().manual_seed(m + n + k + bits)
     w, wp = make_weights(n, k, bits, gen)
@@ -253,8 +414,7 @@ def test_qlinear_gpu_full_size(bits, dtype, m, n, k):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", [(8, 128, 32, 32, 128, 3, 1, 1, 1), (8, 256, 16, 16, 256, 3, 2, 1, 1),
-                                  (8, 384, 16, 16, 256, 1, 1, 0, 1), (4, 3, 32, 32, 128, 3, 1, 1, 1)])
+@pytest.mark.parametrize("case", GPU_CONV_CASES)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qconv2d_gpu_unet_shapes(case, bits):
     b, cin, h, w_, cout, ks, st, pad, dil = case
@@ -268,7 +428,8 @@ def test_qconv2d_gpu_unet_shapes(case, bits):
     x = (torch.randn(b, cin, h, w_, generator=gen) * 40 * a_scale[0]).half().contiguous(memory_format=torch.channels_last)
     bias = torch.randn(cout, generator=gen)
     dev = "cuda"
-    y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev, dtype=torch.int32),
+    # int64 group index, as converted layers pass it (the interpreter tests cover int32)
+    y = qconv2d(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([0], device=dev),
                 bias.to(dev), bits=bits, in_channels=cin, kernel_size=ks, stride=st, padding=pad).cpu()
     check_conv_close(y, quantize_x(x, a_scale[0]), a_scale[0], w, w_scale, bias, st, pad, dil, torch.float16)
 
@@ -318,3 +479,41 @@ def test_gluon_is_the_w8a8_default_on_sm90():
                 None, bits=8, k=k, path=variant).cpu()
     acc = quantize_x(x, a_scale[1]) @ w.to(torch.int64).T
     check_close(y, acc, a_scale[1] * w_scale, None, torch.float16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_nan_rows_and_receptive_fields_on_the_device(bits):
+    """The compiled kernels (every W8A8 GEMM path, conv) at GPU sizes: NaN exactly where the reference has it."""
+    gen = torch.Generator().manual_seed(21 + bits)
+    dev = "cuda"
+    m, n, k = 300, 512, 1024
+    w, wp = make_weights(n, k, bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    a_scale = torch.tensor([0.05, 0.03])
+    x = (torch.randn(m, k, generator=gen) * 2).half()
+    for r, c in ((0, 0), (m // 2, 517 % k), (m - 1, k - 1)):
+        x[r, c] = float("nan")
+    x[7, 3], x[8, 900] = float("inf"), float("-inf")
+    bias = torch.randn(n, generator=gen)
+    xd = quantize_x_float(x, a_scale[1]).to(torch.float64) * float(a_scale[1])
+    wd = w.to(torch.float64) * w_scale.to(torch.float64)[:, None]
+    paths = ("gluon", "tl_dot") if bits == 8 and torch.cuda.get_device_capability()[0] == 9 else ("tl_dot", )
+    for path in paths:
+        y = qlinear(x.to(dev), wp.to(dev), w_scale.to(dev), a_scale.to(dev), torch.tensor([1], device=dev),
+                    bias.to(dev), bits=bits, k=k, path=path).cpu()
+        check_nan_like_reference(y, xd, wd, bias.to(torch.float64), F.linear, torch.float16)
+    b, cin, h, w_, cout = 4, 128, 16, 16, 128
+    wc = torch.randint(-7 if bits == 4 else -127, 8 if bits == 4 else 128, (cout, cin, 3, 3), dtype=torch.int8,
+                       generator=gen)
+    wg = wc.permute(0, 2, 3, 1).reshape(cout, -1).contiguous()
+    xc = (torch.randn(b, cin, h, w_, generator=gen) * 2).half()
+    xc[0, 5, 0, 0], xc[3, 127, 8, 9] = float("nan"), float("nan")
+    xc = xc.contiguous(memory_format=torch.channels_last)
+    y = qconv2d(xc.to(dev), (pack_int4(wg) if bits == 4 else wg).to(dev), w_scale[:cout].to(dev), a_scale.to(dev),
+                torch.tensor([0], device=dev), None, bits=bits, in_channels=cin, kernel_size=3, stride=1,
+                padding=1).cpu()
+    xcd = quantize_x_float(xc, a_scale[0]).to(torch.float64) * float(a_scale[0])
+    check_nan_like_reference(y, xcd, wc.to(torch.float64) * w_scale[:cout].to(torch.float64)[:, None, None, None],
+                             None, F.conv2d, torch.float16, padding=1)

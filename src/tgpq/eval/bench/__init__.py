@@ -59,8 +59,8 @@ headline first, each call writing under ``$OUT``:
 Cells run batch by batch (each batch a complete comparison), in the ``--batches`` order (default
 256 64 16 1: the headline batch first). ``--total-seconds`` (default 540) stops starting new cells
 once the run has used that much time, and a torch.compile cell is not started with less than
-``COMPILE_RESERVE_S`` left; skipped cells are recorded as such. Most of the time goes to warm-ups
-(torch.compile: ~40 s for the DDPM UNet, 1-2 min for SD 1.5, per batch size; Triton autotuning).
+``--compile-reserve-s`` (default 150) left; skipped cells are recorded as such. Most of the time goes to
+warm-ups (torch.compile: ~40 s for the DDPM UNet, 1-2 min for SD 1.5, per batch size; Triton autotuning).
 
 CPU mode (no CUDA): a reduced run (batches 1-2, 3 steps, the reference and DDPM UNets) whose numbers
 describe this CPU only: GPU numbers need a GPU. ``--quick`` runs the tiny models at batch 1 with 2

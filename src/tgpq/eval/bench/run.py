@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing budget per (model, batch, variant), warm-up excluded (default GPU 8, CPU 20)")
     p.add_argument("--total-seconds", type=float, default=540.0,
                    help="start no new cell after this many seconds (default 540: fits one 10-minute GPU call)")
+    p.add_argument("--compile-reserve-s", type=float, default=COMPILE_RESERVE_S,
+                   help=f"start no torch.compile cell with less than this left of --total-seconds (default "
+                        f"{COMPILE_RESERVE_S:.0f}: SD 1.5 compiles in 1-2 min; the DDPM UNet needs less)")
     p.add_argument("--repeats", type=int, default=3, help="whole sampling runs per cell, budget allowing (median)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up DDIM steps per cell (not timed)")
     p.add_argument("--profile-batch", type=int, default=None,
@@ -246,7 +249,7 @@ def main(argv=None) -> dict:
         for vname, batch in tqdm(cells, desc=name, unit="cell"):
             variant = parse_variant(vname)
             left = args.total_seconds - (time.perf_counter() - t_start)
-            if left <= 0 or (variant.compile and left < COMPILE_RESERVE_S):
+            if left <= 0 or (variant.compile and left < args.compile_reserve_s):
                 rec = {"model": name, "variant": vname, "batch": batch, "status": "skipped",
                        "error": f"--total-seconds {args.total_seconds:.0f}: {max(left, 0):.0f} s left"}
             elif variant.torchao and ao_missing:
