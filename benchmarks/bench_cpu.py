@@ -344,10 +344,10 @@ def sd15_contenders(unet, batch: int, peers: bool, skipped: dict) -> tuple[dict,
         return out, nbytes, (x, t, text)
     example = (x, t.expand(batch), text)
     calibration = [(torch.randn_like(x), torch.full((batch,), tt), torch.randn_like(text)) for tt in (900, 500, 100)]
-    # the hybrid first: NNCF's statistics pass holds another copy of the model, so it runs before the fp32
-    # OpenVINO model exists (in the other order SD-1.5 needed more than 24 GiB)
-    for name, build in (("openvino_int8_hybrid", lambda: openvino_hybrid(unet, example, calibration)),
-                        ("openvino_fp32", lambda: openvino_models(unet, example, False))):
+    # OpenVINO int8 hybrid (the peer that matters for int8 serving) only: converting the fp32 OpenVINO model
+    # beside the other contenders peaked above the 24 GiB of the benchmark machine (OOM-killed in either order)
+    skipped["openvino_fp32"] = "left out for SD-1.5: its conversion beside the other contenders needs > 24 GiB"
+    for name, build in (("openvino_int8_hybrid", lambda: openvino_hybrid(unet, example, calibration)),):
         try:
             cm = build()
             out[name] = (lambda cm=cm: torch.from_numpy(cm((x.numpy(), t.expand(batch).numpy(), text.numpy()))[0]))
