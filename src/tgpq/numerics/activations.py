@@ -36,9 +36,10 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor
     """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = torch.as_tensor(scale, device=x.device).to(dt)
-    # clamp first: the same values for finite inputs, and +-inf become +-ACT_QMAX steps as in the kernels (the
-    # straight-through rounding of an infinite value would be NaN)
-    q = round_ste(torch.clamp(x.to(dt) * torch.reciprocal(s), -ACT_QMAX, ACT_QMAX))
+    # the inner clamp (at twice the range) only keeps +-inf finite for the straight-through rounding, which would
+    # make them NaN: values and gradients of finite inputs are those of the outer clamp alone
+    v = torch.clamp(x.to(dt) * torch.reciprocal(s), -2 * ACT_QMAX, 2 * ACT_QMAX)
+    q = torch.clamp(round_ste(v), -ACT_QMAX, ACT_QMAX)
     return q * s
 
 
