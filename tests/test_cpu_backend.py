@@ -10,6 +10,8 @@ the same integer arithmetic and the same fma epilogue, so they must be bit-ident
 Against the reference backend (dequantize, float32 conv/matmul) the reference's own float32
 accumulation adds <= K * 2^-24 * sum|terms|: we assert 1e-5 * (max|y| + 1), as tests/test_modules.py.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,6 +353,21 @@ def test_auto_keeps_the_microkernels_where_onednn_is_inexact():
         conv(torch.randn(1, 24, 9, 9, generator=gen))
     served = cb.served_by(conv)
     assert served and all(v == "ukernel" for v in served.values())
+
+
+def test_auto_choice_is_one_per_layer_geometry_so_model_copies_agree_bit_for_bit():
+    """Two copies of one layer (a model before and after save/load) compute the same bits in auto mode: the
+    kernel family is measured once per geometry and input shape in the process, not per layer instance."""
+    gen = torch.Generator().manual_seed(15)
+    conv, lin = _seven_bit_layers(gen)
+    twins = copy.deepcopy((conv, lin))
+    x = torch.randn(2, 24, 10, 10, generator=gen)
+    xl = torch.randn(7, 48, generator=gen)
+    with cb.force_kernel("auto"), torch.no_grad():
+        ys = [(c(x), li(xl)) for c, li in ((conv, lin), twins)]
+    assert torch.equal(ys[0][0], ys[1][0]) and torch.equal(ys[0][1], ys[1][1])
+    assert cb.served_by(conv) == cb.served_by(twins[0]) and cb.served_by(conv)
+    assert cb.served_by(lin) == cb.served_by(twins[1]) and cb.served_by(lin)
 
 
 def test_groupnorm_statistics_hold_for_large_offsets():

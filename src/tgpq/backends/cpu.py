@@ -17,8 +17,10 @@ first use: ``TGPQ_CPU_ISA=<name>`` if set, else the best this CPU supports; ``se
 
 Kernel family per layer (``kernel_for``): tgpq's microkernels (``"ukernel"``) or oneDNN's int8 conv /
 linear (``"onednn"``, ``tgpq.backends.onednn``). ``TGPQ_CPU_KERNEL`` / ``set_kernel``: ``"auto"`` (default)
-measures both once per layer and input shape at its first call and keeps the faster, where oneDNN is
-exact (AVX-512 VNNI); elsewhere (AVX2: oneDNN saturates) the microkernels serve. ``"ukernel"`` /
+measures both at the first call and keeps the faster, where oneDNN is exact (AVX-512 VNNI), once per layer
+geometry and input shape in the process (every layer of that geometry
+then uses the same: copies of one model agree bit for bit; another process may measure otherwise, within the
+same error bound); elsewhere (AVX2: oneDNN saturates) the microkernels serve. ``"ukernel"`` /
 ``"onednn"`` force one (tests; oneDNN on AVX2 only with 7-bit weights). ``served_by(layer)`` tells which
 served each shape. Convolutions return channels_last float32 (the
 input's dtype for bfloat16 / float16 input); linear returns contiguous ``[..., N]``.
@@ -136,22 +138,36 @@ def _timed(fn) -> float:
     return best
 
 
+_PLANS: dict[tuple, str] = {}  # (layer geometry, input shape, isa) -> kernel family, decided once per process
+
+
+def _geometry(layer) -> tuple:
+    """What the kernels' speed depends on besides the input shape: the layer's kind, sizes and bits."""
+    if hasattr(layer, "kernel_size"):
+        return ("conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size), tuple(layer.stride),
+                tuple(layer.padding), tuple(layer.dilation), layer.bits)
+    return ("linear", layer.in_features, layer.out_features_, layer.bits)
+
+
 def kernel_for(layer, shape: tuple, run_ukernel, run_onednn) -> str:
     """The kernel family for ``layer`` on inputs of ``shape``: forced, or (``auto``, where oneDNN is exact)
-    measured once on the first such input, both ways, and kept (``served_by``)."""
+    measured on the first input of this layer geometry and shape in the process, both ways, and kept for
+    every layer of that geometry (so that two copies of one model, e.g. before and after save/load,
+    compute the same bits); ``served_by`` tells what served ``layer``."""
     mode = kernel_mode()
     if mode != "auto":
         return mode
     if torch.compiler.is_compiling():
         return "ukernel"
-    plans = layer.__dict__.setdefault("_cpu_plans", {})
-    key = (shape, current_isa())
-    if key not in plans:
-        if onednn.available() and onednn.exact_on(key[1]):
-            plans[key] = "onednn" if _timed(run_onednn) < _timed(run_ukernel) else "ukernel"
+    isa = current_isa()
+    key = (_geometry(layer), shape, isa)
+    if key not in _PLANS:
+        if onednn.available() and onednn.exact_on(isa):
+            _PLANS[key] = "onednn" if _timed(run_onednn) < _timed(run_ukernel) else "ukernel"
         else:
-            plans[key] = "ukernel"
-    return plans[key]
+            _PLANS[key] = "ukernel"
+    layer.__dict__.setdefault("_cpu_plans", {})[(shape, isa)] = _PLANS[key]
+    return _PLANS[key]
 
 
 def served_by(layer) -> dict:
