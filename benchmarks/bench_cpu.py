@@ -19,7 +19,8 @@
   process, medians; skipped peers are listed with the reason. The profile of one tgpq W8A8 forward follows.
 * ``--model sd15``: fp32 eager, tgpq W8A8 / W4A8, OpenVINO fp32 and int8 (hybrid, as optimum-intel) on one
   SD-1.5 UNet forward, with weight bytes and peak memory beside the times.
-* Output: ``benchmarks/results/bench_cpu[_sd15].{json,md,png}``; CPU model, flags, threads, load average.
+* Output: ``benchmarks/results/<stem>.{json,md,png}`` (``--stem``, one per machine class; default
+  ``bench_cpu[_sd15]``); CPU model, flags, threads, load average.
 
 Pause every other process on the machine first: a concurrent job moves the ratios by 20 % or more.
 tgpq is calibrated here with a round-to-nearest recipe (``tgpq.calibration.rtn``): speed does not depend
@@ -384,15 +385,16 @@ def run_sd15(a) -> dict:
                           "speedup_vs_fp32": {k: v["speedup_vs_fp32"] for k, v in rows.items()},
                           "rel_rmse_vs_fp32": {k: v["rel_rmse_vs_fp32"] for k, v in rows.items()}}]
     res["sd15"] = rows
-    write_report(res, a.out, "bench_cpu_sd15")
-    L = [(a.out / "bench_cpu_sd15.md").read_text(), "## Weights and memory", "",
+    stem = a.stem or "bench_cpu_sd15"
+    write_report(res, a.out, stem)
+    L = [(a.out / f"{stem}.md").read_text(), "## Weights and memory", "",
          "| model | weight MiB | peak MiB malloc'd during a forward |", "|---|---|---|"]
     for k, v in rows.items():
         wb = "-" if v["weight_bytes"] is None else f"{v['weight_bytes'] / 2**20:.0f}"
         pk = v["peak_bytes_during_forward"]
         L.append(f"| {k} | {wb} | {'- (own allocator)' if pk is None else f'{pk / 2**20:.0f}'} |")
-    (a.out / "bench_cpu_sd15.md").write_text("\n".join(L) + "\n")
-    print((a.out / "bench_cpu_sd15.md").read_text())
+    (a.out / f"{stem}.md").write_text("\n".join(L) + "\n")
+    print((a.out / f"{stem}.md").read_text())
     return res
 
 
@@ -409,6 +411,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-peers", action="store_true", help="skip PT2E and OpenVINO")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--stem", default=None, help="file name stem of the results (default bench_cpu / bench_cpu_sd15; "
+                   "one per machine class, e.g. bench_cpu_xeon_avx512vnni)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -433,12 +437,13 @@ def main(argv=None) -> dict:
                                    if k in r["gmacs"]}
     res["memory_passes"] = memory_passes(unet, 2 if a.quick else 16, size, max(3, a.repeats))
     res["end_to_end"] = []
-    write_report(res, a.out)  # partial results survive an interrupted run
+    stem = a.stem or "bench_cpu"
+    write_report(res, a.out, stem)  # partial results survive an interrupted run
     contenders = build_contenders(unet, size, max(a.batches), not a.no_peers, res["skipped"])
     if a.no_peers:
         res["skipped"]["peers"] = "--no-peers / --quick"
     res["end_to_end"] = bench_end_to_end(unet, contenders, a.batches, a.repeats, size)
-    write_report(res, a.out)
+    write_report(res, a.out, stem)
     if a.sampling_steps:
         names = list(contenders)
         if not native_bf16(res["system"]) and not a.quick:
@@ -460,8 +465,8 @@ def main(argv=None) -> dict:
         res["system"]["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    write_report(res, a.out)
-    print((a.out / "bench_cpu.md").read_text())
+    write_report(res, a.out, stem)
+    print((a.out / f"{stem}.md").read_text())
     return res
 
 
