@@ -1,5 +1,6 @@
 // The activation passes of the cpu backend, dispatched on the ISA path the caller chose (the AVX2
-// variants also serve the avx512vnni path: these passes are memory-bound).
+// variants also serve the avx512vnni path where a pass is memory-bound; the GroupNorm+SiLU row, which
+// computes an exp per value, has its own 16-lane variant).
 #include "ukernel.h"
 
 namespace tgpq {
@@ -31,6 +32,8 @@ void norm_silu_quantize_row(const float* x, const float* A, const float* B, int6
                             uint8_t* out, Isa isa) {
   if (isa == Isa::kScalar)
     norm_silu_quantize_row_scalar(x, A, B, C, silu, inv, out);
+  else if (isa == Isa::kAvx512Vnni)
+    norm_silu_quantize_row_avx512(x, A, B, C, silu, inv, out);
   else
     norm_silu_quantize_row_avx2(x, A, B, C, silu, inv, out);
 }

@@ -51,6 +51,8 @@ void norm_silu_quantize_row_scalar(const float* x, const float* A, const float* 
                                    uint8_t* out);
 void norm_silu_quantize_row_avx2(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,
                                  uint8_t* out);
+void norm_silu_quantize_row_avx512(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,
+                                   uint8_t* out);
 
 // Scalar building blocks shared by every path's remainder loop.
 inline uint8_t quantize_one_u8(float v, float inv) {

@@ -284,11 +284,11 @@ def _onednn_conv(layer, xq, row_bias, residual, fallback) -> torch.Tensor:
     if not _onednn_ok(xq):
         return fallback()
     packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
-    y = onednn.conv2d_u8(layer, packed, xq, _group_scale(layer))
+    y = onednn.conv2d_u8(layer, packed, xq, _group_scale(layer))  # a fresh tensor: added to in place
     if row_bias is not None:
-        y = y + row_bias[:, :, None, None].to(torch.float32)
+        y.add_(row_bias[:, :, None, None].to(torch.float32))
     if residual is not None:
-        y = y + residual.to(torch.float32)
+        y.add_(residual.to(torch.float32))
     return y
 
 
