@@ -157,10 +157,12 @@ def bench_layers(unet, batches, repeats, sample_size, ceil: dict) -> list[dict]:
             kind = d["key"][0]
             fl, x, layers, macs = _layer_case(d["key"], batch, gen)
             fns = {"fp32": lambda: fl(x)}
+            # tgpq's layers get channels_last input, as inside a converted UNet (its convs emit channels_last)
+            xt = x.contiguous(memory_format=torch.channels_last) if kind == "conv" else x
             for bits, layer in layers.items():
-                fns[f"tgpq_w{bits}a8"] = (lambda layer=layer: layer(x))
+                fns[f"tgpq_w{bits}a8"] = (lambda layer=layer: layer(xt))
                 if kind == "conv":
-                    xq = cb.quantize_nhwc(layer, x)
+                    xq = cb.quantize_nhwc(layer, xt)
                     fns[f"tgpq_w{bits}a8_gemm"] = (lambda layer=layer, xq=xq: cb.conv2d_u8(layer, xq))
             onednn_err = None
             try:
