@@ -239,10 +239,10 @@ def write_report(res: dict, out_dir: Path, stem: str = "bench_cpu") -> None:
     L = [f"# CPU benchmark (tgpq cpu backend): {res['config']}", "", f"System: `{json.dumps(res['system'])}`", ""]
     c = res.get("ceilings")
     if c:
-        L += [f"Ceilings on {c['threads']} threads, serving ISA **{c['isa']}** (GMAC/s, best of repeated runs before "
-              f"and after the layers): fp32 FMA instruction {c['fp32_fma']:.0f}; the int8 kernels' multiply-accumulate "
-              f"instructions W8 {c['int8_w8']:.0f} ({c['int8_w8'] / c['fp32_fma']:.2f}x fp32), W4 {c['int8_w4']:.0f} "
-              f"({c['int8_w4'] / c['fp32_fma']:.2f}x fp32). For reference: the microkernels on L2-resident operands "
+        L += [f"Ceilings on {c['threads']} threads, serving ISA **{c['isa']}** (GMAC/s, best of repeated runs before, "
+              f"beside and after the layers; on VNNI W8 and W4 share vpdpbusd's): fp32 FMA instruction "
+              f"{c['fp32_fma']:.0f}; the int8 kernels' multiply-accumulate instructions W8 {c['int8_w8']:.0f} "
+              f"({c['int8_w8'] / c['fp32_fma']:.2f}x fp32), W4 {c['int8_w4']:.0f} ({c['int8_w4'] / c['fp32_fma']:.2f}x fp32). For reference: the microkernels on L2-resident operands "
               f"W8 {c['kernel_w8']:.0f}, W4 {c['kernel_w4']:.0f}; torch fp32 mm 1024^3 {c['torch_mm']:.0f}. fp32 convs "
               f"may exceed the FMA ceiling only by skipping MACs (Winograd).", ""]
     if res.get("layers"):

@@ -18,12 +18,11 @@ first use: ``TGPQ_CPU_ISA=<name>`` if set, else the best this CPU supports; ``se
 Kernel family per layer (``kernel_for``): tgpq's microkernels (``"ukernel"``) or oneDNN's int8 conv /
 linear (``"onednn"``, ``tgpq.backends.onednn``). ``TGPQ_CPU_KERNEL`` / ``set_kernel``: ``"auto"`` (default)
 measures both at the first call and keeps the faster, where oneDNN is exact (AVX-512 VNNI), once per layer
-geometry and input shape in the process (every layer of that geometry
-then uses the same: copies of one model agree bit for bit; another process may measure otherwise, within the
-same error bound); elsewhere (AVX2: oneDNN saturates) the microkernels serve. ``"ukernel"`` /
-``"onednn"`` force one (tests; oneDNN on AVX2 only with 7-bit weights). ``served_by(layer)`` tells which
-served each shape. Convolutions return channels_last float32 (the
-input's dtype for bfloat16 / float16 input); linear returns contiguous ``[..., N]``.
+geometry and input shape in the process (every layer of that geometry then uses the same: copies of one
+model agree bit for bit; another process may measure otherwise, within the same error bound); elsewhere
+(AVX2: oneDNN saturates) the microkernels serve. ``"ukernel"`` / ``"onednn"`` force one (tests; oneDNN on
+AVX2 only with 7-bit weights). ``served_by(layer)`` tells which served each shape. Convolutions return
+channels_last float32 (the input's dtype for bfloat16 / float16 input); linear returns contiguous ``[..., N]``.
 """
 from __future__ import annotations
 
