@@ -316,6 +316,21 @@ def write_report(res: dict, out_dir: Path, stem: str = "bench_cpu") -> None:
         print(f"no chart: {e}", file=sys.stderr)
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor ``model`` holds once it has served: its state (``tgpq.weight_bytes``) plus the
+    cpu backend's caches (repacked microkernel weights, oneDNN's prepacked weights, fused q/k/v)."""
+    seen, total = set(), 0
+    for m in model.modules():
+        for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = ("opaque", id(t)) if t.is_mkldnn else (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
 def sd15_contenders(unet, batch: int, peers: bool, skipped: dict) -> tuple[dict, dict, tuple]:
     """SD-1.5: fp32 eager, tgpq W8A8 / W4A8 (in place of copies of the float model: one more copy of a
     3.4 GB model each), OpenVINO fp32 and int8 hybrid; their weight bytes; the example inputs."""
@@ -340,6 +355,7 @@ def sd15_contenders(unet, batch: int, peers: bool, skipped: dict) -> tuple[dict,
         out[f"tgpq_w{bits}a8"] = (lambda q=q: q(x.contiguous(memory_format=torch.channels_last), t,
                                                 encoder_hidden_states=text).sample)
         nbytes[f"tgpq_w{bits}a8"] = tgpq.weight_bytes(q)
+        nbytes[f"tgpq_w{bits}a8 held"] = (lambda q=q: held_bytes(q))  # read once it has served
     if not peers:
         skipped["peers"] = "--no-peers"
         return out, nbytes, (x, t, text)
@@ -378,8 +394,9 @@ def run_sd15(a) -> dict:
             ref = y.double() if ref is None else ref
             err = float((y.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
             # OpenVINO allocates through its own allocator, which malloc's counters do not see
+            held = nbytes.get(f"{k} held")
             rows[k] = {"ms": tm[k] * 1e3, "speedup_vs_fp32": tm["fp32_eager"] / tm[k], "rel_rmse_vs_fp32": err,
-                       "weight_bytes": nbytes.get(k),
+                       "weight_bytes": nbytes.get(k), "held_bytes": held() if held else nbytes.get(k),
                        "peak_bytes_during_forward": None if k.startswith("openvino") else peak}
     res["end_to_end"] = [{"batch": a.sd15_batch, "ms": {k: v["ms"] for k, v in rows.items()},
                           "speedup_vs_fp32": {k: v["speedup_vs_fp32"] for k, v in rows.items()},
@@ -388,11 +405,12 @@ def run_sd15(a) -> dict:
     stem = a.stem or "bench_cpu_sd15"
     write_report(res, a.out, stem)
     L = [(a.out / f"{stem}.md").read_text(), "## Weights and memory", "",
-         "| model | weight MiB | peak MiB malloc'd during a forward |", "|---|---|---|"]
+         "| model | weight MiB (state) | MiB held serving (state + kernel caches) | peak MiB malloc'd during a forward |",
+         "|---|---|---|---|"]
     for k, v in rows.items():
-        wb = "-" if v["weight_bytes"] is None else f"{v['weight_bytes'] / 2**20:.0f}"
+        wb, hb = ("-" if v[c] is None else f"{v[c] / 2**20:.0f}" for c in ("weight_bytes", "held_bytes"))
         pk = v["peak_bytes_during_forward"]
-        L.append(f"| {k} | {wb} | {'- (own allocator)' if pk is None else f'{pk / 2**20:.0f}'} |")
+        L.append(f"| {k} | {wb} | {hb} | {'- (own allocator)' if pk is None else f'{pk / 2**20:.0f}'} |")
     (a.out / f"{stem}.md").write_text("\n".join(L) + "\n")
     print((a.out / f"{stem}.md").read_text())
     return res
