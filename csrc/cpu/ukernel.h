@@ -62,6 +62,16 @@ inline uint8_t quantize_one_u8(float v, float inv) {
   return static_cast<uint8_t>(static_cast<int>(q) + 128);
 }
 inline float silu_scalar(float v) { return v / (1.0f + std::exp(-v)); }
+
+// The vector exp of the SiLU rows (exp256 / exp512, one per ISA file), from these constants only, so that
+// both widths compute the same bits: exp(x) = 2^n * p(r), x clamped to [kLo, kHi], n = round(x * kLog2e),
+// r = x - n * (kLn2Hi + kLn2Lo) (Cody-Waite), p(r) = 1 + r + r^2 * (kPoly[0] r^5 + ... + kPoly[5]).
+namespace exp_poly {
+constexpr float kLo = -87.3f, kHi = 88.3f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace exp_poly
 inline int32_t load32(const uint8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
