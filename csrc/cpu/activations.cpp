@@ -21,11 +21,12 @@ void widen_u8_s16(const uint8_t* src, int64_t n, int16_t* dst) {
     widen_u8_s16_scalar(src, n, dst);
 }
 
-void norm_stats_rows(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq, Isa isa) {
+void norm_stats_rows(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot, float* sum, float* sumsq,
+                     Isa isa) {
   if (isa == Isa::kScalar)
-    norm_stats_rows_scalar(x, rows, C, pilot, sum, sumsq);
+    norm_stats_rows_scalar(x, rows, C, ldx, pilot, sum, sumsq);
   else
-    norm_stats_rows_avx2(x, rows, C, pilot, sum, sumsq);
+    norm_stats_rows_avx2(x, rows, C, ldx, pilot, sum, sumsq);
 }
 
 void norm_silu_quantize_row(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,

@@ -32,10 +32,11 @@ namespace cpu {
 void quantize_u8(const float* x, int64_t n, float inv, uint8_t* out, Isa isa);
 // dst[i] = int16(src[i]) - 128 (the s16 kernels' activation rows).
 void widen_u8_s16(const uint8_t* src, int64_t n, int16_t* dst);
-// GroupNorm statistics of `rows` NHWC rows of C channels, shifted by a per-channel pilot value (cancellation):
-// sum[c] += sum_r (x[r, c] - pilot[c]), sumsq[c] += sum_r (x[r, c] - pilot[c])^2, in float (callers keep
-// `rows` small, e.g. 64, and add the partial sums in double).
-void norm_stats_rows(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq, Isa isa);
+// GroupNorm statistics of `rows` NHWC rows of C channels (row r at x + r * ldx, ldx >= C), shifted by a
+// per-channel pilot value (cancellation): sum[c] += sum_r (x[r, c] - pilot[c]), sumsq[c] += sum_r (x[r, c] -
+// pilot[c])^2, in float (callers keep `rows` small, e.g. 64, and add the partial sums in double).
+void norm_stats_rows(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot, float* sum,
+                     float* sumsq, Isa isa);
 // One NHWC row of C channels: out[c] = quantize_u8(silu?(fma(x[c], A[c], B[c]))) (GroupNorm folded into A, B).
 void norm_silu_quantize_row(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,
                             uint8_t* out, Isa isa);
@@ -45,8 +46,10 @@ void quantize_u8_scalar(const float* x, int64_t n, float inv, uint8_t* out);
 void quantize_u8_avx2(const float* x, int64_t n, float inv, uint8_t* out);
 void widen_u8_s16_scalar(const uint8_t* src, int64_t n, int16_t* dst);
 void widen_u8_s16_avx2(const uint8_t* src, int64_t n, int16_t* dst);
-void norm_stats_rows_scalar(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq);
-void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq);
+void norm_stats_rows_scalar(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot, float* sum,
+                            float* sumsq);
+void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot, float* sum,
+                          float* sumsq);
 void norm_silu_quantize_row_scalar(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,
                                    uint8_t* out);
 void norm_silu_quantize_row_avx2(const float* x, const float* A, const float* B, int64_t C, bool silu, float inv,

@@ -215,8 +215,8 @@ TGPQ_AVX2 void quantize_u8_avx2(const float* x, int64_t n, float inv, uint8_t* o
 // Four 8-channel columns at a time: eight independent add / fma chains hide the adders' latency (one chain
 // of 8 channels was latency-bound at ~2 floats per cycle). Each channel still sums its rows in order, so
 // the result is the same whatever the column width.
-TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum,
-                                    float* sumsq) {
+TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot,
+                                    float* sum, float* sumsq) {
   int64_t c = 0;
   for (; c + 32 <= C; c += 32) {
     __m256 p[4], s[4], q[4];
@@ -226,7 +226,7 @@ TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, con
       q[j] = _mm256_loadu_ps(sumsq + c + 8 * j);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * C + c;
+      const float* xr = x + r * ldx + c;
       for (int j = 0; j < 4; ++j) {
         const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + 8 * j), p[j]);
         s[j] = _mm256_add_ps(s[j], d);
@@ -242,7 +242,7 @@ TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, con
     const __m256 p = _mm256_loadu_ps(pilot + c);
     __m256 s = _mm256_loadu_ps(sum + c), q = _mm256_loadu_ps(sumsq + c);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * C + c), p);
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * ldx + c), p);
       s = _mm256_add_ps(s, d);
       q = _mm256_fmadd_ps(d, d, q);
     }
@@ -251,7 +251,7 @@ TGPQ_AVX2 void norm_stats_rows_avx2(const float* x, int64_t rows, int64_t C, con
   }
   for (; c < C; ++c)
     for (int64_t r = 0; r < rows; ++r) {
-      const float d = x[r * C + c] - pilot[c];
+      const float d = x[r * ldx + c] - pilot[c];
       sum[c] += d;
       sumsq[c] = std::fma(d, d, sumsq[c]);
     }

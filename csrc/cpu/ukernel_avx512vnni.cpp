@@ -81,24 +81,28 @@ void vnni_dispatch(const GemmTile& t) {
   }
 }
 
-TGPQ_AVX512 inline __m512 exp512(__m512 x) {  // exp_poly (ukernel.h) on 16 lanes: exp256's bits
+// exp(-v) by exp_poly (ukernel.h) on 16 lanes: exp256(-v)'s bits in fewer instructions. The negation is folded
+// into the clamp (v to [-kHi, -kLo]), the reduction (n = round(v * -log2e), r = -v - n * ln2 as fnmsub) and
+// the scaling by 2^n (vscalefps, exact like exp256's multiply by the built power of two, as n >= -126).
+TGPQ_AVX512 inline __m512 exp512_neg(__m512 v) {
   using namespace exp_poly;
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kLo)), _mm512_set1_ps(kHi));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-kHi)), _mm512_set1_ps(-kLo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(-kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(kLn2Hi), v);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kPoly[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  return _mm512_scalef_ps(p, n);
 }
 
 }  // namespace
 
 // One NHWC row, 16 channels per step (the tail masked): the AVX2 row's arithmetic on 16 lanes, except the
-// SiLU's division (a reciprocal), so values can differ from the AVX2 path's in the last bit.
+// SiLU's division (a reciprocal), so values can differ from the AVX2 path's in the last bit. Quantization:
+// clamp, then the conversion rounds to nearest even (embedded rounding) like a round-then-clamp; a NaN (which
+// the clamp would hide) is written as code 0 by the conversion's zeroing mask.
 TGPQ_AVX512 void norm_silu_quantize_row_avx512(const float* x, const float* A, const float* Bv, int64_t C, bool silu,
                                                float inv, uint8_t* out) {
   const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.0f);
@@ -109,16 +113,16 @@ TGPQ_AVX512 void norm_silu_quantize_row_avx512(const float* x, const float* A, c
     __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, A + c),
                                _mm512_maskz_loadu_ps(m, Bv + c));
     if (silu) {  // v / d as v * (1 / d): rcp14 and one Newton step (< 1 ulp off; a zmm divide is ~10x slower)
-      const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), v)));
+      const __m512 d = _mm512_add_ps(one, exp512_neg(v));
       __m512 r = _mm512_rcp14_ps(d);
       r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
       v = _mm512_mul_ps(v, r);
     }
     v = _mm512_mul_ps(v, vinv);
-    const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)), zp);
     const __mmask16 finite = static_cast<__mmask16>(~_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
-    _mm_mask_storeu_epi8(out + c, m, _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(finite, q)));  // NaN -> code 0
+    const __m512i q = _mm512_add_epi32(
+        _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    _mm_mask_storeu_epi8(out + c, m, _mm512_maskz_cvtepi32_epi8(finite, q));  // NaN -> code 0
   }
 }
 

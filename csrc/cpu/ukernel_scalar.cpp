@@ -47,10 +47,11 @@ void widen_u8_s16_scalar(const uint8_t* src, int64_t n, int16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(src[i] - 128);
 }
 
-void norm_stats_rows_scalar(const float* x, int64_t rows, int64_t C, const float* pilot, float* sum, float* sumsq) {
+void norm_stats_rows_scalar(const float* x, int64_t rows, int64_t C, int64_t ldx, const float* pilot, float* sum,
+                            float* sumsq) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
-      const float d = x[r * C + c] - pilot[c];
+      const float d = x[r * ldx + c] - pilot[c];
       sum[c] += d;
       sumsq[c] += d * d;
     }

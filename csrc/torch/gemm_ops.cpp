@@ -2,6 +2,7 @@
 // (schemas: library.cpp; layouts: layout/pack_c4.h, cpu/ukernel.h).
 //
 //   quantize_nhwc_u8(x, a_scale, group_index, isa)     float [B,C,H,W] (any layout) -> u8 [B,H,W,C]
+//   quantize_nhwc_u8_cat(xs, a_scale, group_index, isa) the same of cat(xs, dim=1), never materialised
 //   qconv2d_u8(xq, ..., row_bias, residual)            u8 NHWC -> float32 channels_last [B,N,Ho,Wo],
 //                                                       optional per-image bias and residual added in cache
 //   qconv2d(x, w_c4, wsum, ...)                         quantize_nhwc_u8 + qconv2d_u8
@@ -119,23 +120,6 @@ struct ConvExtras {
   }
 };
 
-// The distance between consecutive pixels' channel vectors when x [B, C, H, W] stores every pixel's C values
-// contiguously at a uniform pixel stride >= C (channels_last, or a channel slice of it); -1 otherwise. Strides
-// of size-1 dimensions say nothing about the layout and are not read.
-int64_t pixel_stride(const at::Tensor& x) {
-  const int64_t C = x.size(1);
-  if (C > 1 && x.stride(1) != 1) return -1;
-  int64_t ps = -1, span = 1;  // span: pixels covered by the dimensions checked so far
-  for (int d : {3, 2, 0}) {
-    if (x.size(d) == 1) continue;
-    if (ps < 0) ps = x.stride(d);
-    if (x.stride(d) != ps * span) return -1;
-    span *= x.size(d);
-  }
-  if (ps < 0) return C;  // a single pixel
-  return ps >= C ? ps : -1;
-}
-
 at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index,
                              int64_t isa_id) {
   check_cpu_float_input(x);
@@ -145,14 +129,10 @@ at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, 
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   // float32 channels_last, or a channel slice of it (a split conv's branch of a concatenation): pixel p's C
   // values are contiguous at p * ps and are read in place; anything else is brought to channels_last first.
-  auto xf = x.to(at::kFloat);
-  int64_t ps = pixel_stride(xf);
-  if (ps < 0) {
-    xf = xf.contiguous(at::MemoryFormat::ChannelsLast);
-    ps = C;
-  }
+  const NhwcRows xr = nhwc_rows(x);
+  const int64_t ps = xr.ld;
   auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
-  const float* src = xf.data_ptr<float>();
+  const float* src = xr.x;
   uint8_t* dst = out.data_ptr<uint8_t>();
   if (ps == C) {  // dense: one flat pass
     at::parallel_for(0, B * H * W * C, 1 << 15, [&](int64_t b, int64_t e) {
@@ -163,6 +143,37 @@ at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, 
       for (int64_t p = p0; p < p1; ++p) cpu::quantize_u8(src + p * ps, C, inv, dst + p * C, isa);
     });
   }
+  return out;
+}
+
+at::Tensor quantize_nhwc_u8_cat_cpu(at::TensorList xs, const at::Tensor& a_scale, const at::Tensor& group_index,
+                                    int64_t isa_id) {
+  TORCH_CHECK(!xs.empty(), "quantize_nhwc_u8_cat: no input");
+  const Isa isa = resolve_isa(isa_id);
+  const float inv = 1.0f / act_scale(a_scale, group_index);
+  std::vector<NhwcRows> parts;
+  int64_t C = 0;
+  for (const at::Tensor& x : xs) {
+    check_cpu_float_input(x);
+    TORCH_CHECK(x.dim() == 4 && x.size(0) == xs[0].size(0) && x.size(2) == xs[0].size(2) &&
+                    x.size(3) == xs[0].size(3),
+                "quantize_nhwc_u8_cat: parts must be [B, C_i, H, W] of one B, H, W, got ", xs[0].sizes(), " and ",
+                x.sizes());
+    parts.push_back(nhwc_rows(x));
+    C += x.size(1);
+  }
+  const int64_t P = xs[0].size(0) * xs[0].size(2) * xs[0].size(3);
+  auto out = at::empty({xs[0].size(0), xs[0].size(2), xs[0].size(3), C}, xs[0].options().dtype(at::kByte));
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, P, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t off = 0;
+      for (const NhwcRows& r : parts) {
+        cpu::quantize_u8(r.x + p * r.ld, r.C, inv, dst + p * C + off, isa);
+        off += r.C;
+      }
+    }
+  });
   return out;
 }
 
@@ -287,6 +298,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& w_c4, const c10::o
 
 TORCH_LIBRARY_IMPL(tgpq, CPU, m) {
   m.impl("quantize_nhwc_u8", &quantize_nhwc_u8_cpu);
+  m.impl("quantize_nhwc_u8_cat", &quantize_nhwc_u8_cat_cpu);
   m.impl("qconv2d_u8", &qconv2d_u8_cpu);
   m.impl("qconv2d", &qconv2d_cpu);
   m.impl("qlinear", &qlinear_cpu);

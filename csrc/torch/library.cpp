@@ -70,6 +70,7 @@ TORCH_LIBRARY(tgpq, m) {
   // the CPU kernels' layouts: c4 weights, uint8 NHWC activations (zero point 128) and their producers
   m.def("prepack_c4(Tensor w_packed, int bits, int k) -> (Tensor, Tensor)");
   m.def("quantize_nhwc_u8(Tensor x, Tensor a_scale, Tensor group_index, int isa) -> Tensor");
+  m.def("quantize_nhwc_u8_cat(Tensor[] xs, Tensor a_scale, Tensor group_index, int isa) -> Tensor");
   m.def(
       "qconv2d_u8(Tensor xq, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "
@@ -77,6 +78,9 @@ TORCH_LIBRARY(tgpq, m) {
   m.def(
       "groupnorm_silu_quantize(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
       "Tensor a_scale, Tensor group_index, int isa) -> Tensor");
+  m.def(
+      "groupnorm_silu_quantize_split(Tensor[] xs, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
+      "Tensor[] a_scales, Tensor[] group_indices, int isa) -> Tensor[]");
   // what this CPU can run, and its ceilings (GMAC/s summed over `threads` threads, each for `seconds`)
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
   m.def("cpu_isa_supported(int isa) -> bool", &cpu_isa_supported);

@@ -1,16 +1,25 @@
-// CPU kernel of groupnorm_silu_quantize (schema: library.cpp): GroupNorm (+ SiLU) + int8 quantization in
-// one pass that writes the u8 NHWC tensor the next quantized conv consumes (qconv2d_u8).
+// CPU kernels of groupnorm_silu_quantize and groupnorm_silu_quantize_split (schemas: library.cpp): GroupNorm
+// (+ SiLU) + int8 quantization in one pass that writes the u8 NHWC tensors the next quantized convs consume
+// (qconv2d_u8).
 //
 //   groupnorm_silu_quantize(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa)
-//     x: float32/bfloat16 [B, C, H, W] (channels_last read without a copy) -> uint8 [B, H, W, C]
+//     x: float32/bfloat16/float16 [B, C, H, W] -> uint8 [B, H, W, C]
 //     u8 = clamp(rne(silu?(gn(x)) * (1 / a_scale[g])), -127, 127) + 128
+//   groupnorm_silu_quantize_split(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa)
+//     the same GroupNorm over the channel concatenation cat(xs, dim=1), never materialised (a skip connection's
+//     two halves, whose groups may straddle the boundary); part i is quantized with a_scales[i] and written
+//     as its own uint8 [B, H, W, C_i] (the input of part i of a split conv); with a single scale table, all
+//     parts are quantized with it into one uint8 [B, H, W, sum C_i] (a plain conv's input).
+// Inputs are read as NHWC rows: channels_last tensors, and channel slices of one (a view of a concatenation),
+// without a copy; other layouts are made channels_last first.
 // Statistics: per (batch, group) mean and biased variance in one pass: per channel, float sums of x - p and
 // (x - p)^2 over 64-row chunks (p: the channel's value in the image's first row, against cancellation),
 // added in double; then the group's mean and centered sum of squares follow exactly. The normalised value is
 // x * A[c] + B[c] with A = rstd * weight[c], B = bias[c] - mean * A (one fma), then the row pass
 // cpu::norm_silu_quantize_row (cpu/ukernel_*.cpp). The result differs from torch's GroupNorm + SiLU by
 // a few float32 ulps, which moves a quantized value by one step only when v / a_scale lies within
-// ~1e-6 of a rounding boundary.
+// ~1e-6 of a rounding boundary. Work is split by image when there are at least as many images as threads
+// (statistics and normalisation of an image then run back to back, while it is in cache), else by rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,13 +35,125 @@ namespace tgpq {
 namespace {
 
 using cpu::Isa;
+constexpr int64_t kChunk = 64;  // rows per float partial sum
 
-at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
-                                       const c10::optional<at::Tensor>& bias, double eps, bool silu,
-                                       const at::Tensor& a_scale, const at::Tensor& group_index, int64_t isa_id) {
-  check_cpu_float_input(x);
-  TORCH_CHECK(x.dim() == 4, "groupnorm_silu_quantize: expected [B, C, H, W], got ", x.dim(), " dims");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+// One input part: pixel (b, r) of it at rows.x + (b * HW + r) * rows.ld, channels [off, off + C) of the
+// concatenation; its quantized row written at out + (b * HW + r) * ldo.
+struct Part {
+  NhwcRows rows;
+  int64_t off;
+  float inv;
+  uint8_t* out;
+  int64_t ldo;
+};
+
+struct Norm {
+  std::vector<Part> parts;
+  int64_t B, HW, C, G, chunks;
+  const float *w, *bias;
+  double eps;
+  bool silu;
+  Isa isa;
+  std::vector<float> psum, psq, A, Bv;  // [B * chunks * C] partial sums; [B * C] fused affine
+
+  void chunk_stats(int64_t b, int64_t k) {
+    const int64_t r0 = k * kChunk, rows = std::min(kChunk, HW - r0);
+    float* s = &psum[(b * chunks + k) * C];
+    float* q = &psq[(b * chunks + k) * C];
+    for (const Part& p : parts) {
+      const float* xb = p.rows.x + b * HW * p.rows.ld;
+      cpu::norm_stats_rows(xb + r0 * p.rows.ld, rows, p.rows.C, p.rows.ld, xb, s + p.off, q + p.off, isa);
+    }
+  }
+
+  void affine(int64_t b) {  // A, B of image b from its chunks' sums, per group over the concatenated channels
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    std::vector<float> pilot(C);
+    for (const Part& p : parts)
+      for (int64_t c = 0; c < p.rows.C; ++c) pilot[p.off + c] = p.rows.x[b * HW * p.rows.ld + c];
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += psum[(b * chunks + k) * C + c];
+        s2[c] += psq[(b * chunks + k) * C + c];
+      }
+    const int64_t Cg = C / G;
+    const double n = static_cast<double>(HW), ng = static_cast<double>(Cg * HW);
+    for (int64_t gi = 0; gi < G; ++gi) {
+      double total = 0.0;
+      for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) total += s1[c] + n * pilot[c];
+      const double mean = total / ng;
+      double sq = 0.0;  // sum over the group of (x - mean)^2 = sum of s2 + 2 (p - mean) s1 + n (p - mean)^2
+      for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) {
+        const double dp = pilot[c] - mean;
+        sq += s2[c] + 2.0 * dp * s1[c] + n * dp * dp;
+      }
+      const double rstd = 1.0 / std::sqrt(std::max(sq / ng, 0.0) + eps);
+      for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) {
+        const double a = rstd * w[c];
+        A[b * C + c] = static_cast<float>(a);
+        Bv[b * C + c] = static_cast<float>(bias[c] - mean * a);
+      }
+    }
+  }
+
+  void rows(int64_t r0, int64_t r1) {  // flat pixel rows b * HW + r
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / HW;
+      for (const Part& p : parts)
+        cpu::norm_silu_quantize_row(p.rows.x + r * p.rows.ld, &A[b * C + p.off], &Bv[b * C + p.off], p.rows.C,
+                                    silu, p.inv, p.out + r * p.ldo, isa);
+    }
+  }
+
+  void run() {
+    psum.assign(B * chunks * C, 0.0f);
+    psq.assign(B * chunks * C, 0.0f);
+    A.resize(B * C);
+    Bv.resize(B * C);
+    if (B >= at::get_num_threads()) {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t k = 0; k < chunks; ++k) chunk_stats(b, k);
+          affine(b);
+          rows(b * HW, (b + 1) * HW);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) chunk_stats(t / chunks, t % chunks);
+    });
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) affine(b);
+    });
+    at::parallel_for(0, B * HW, 16, [&](int64_t r0, int64_t r1) { rows(r0, r1); });
+  }
+};
+
+std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int64_t num_groups,
+                                                          const c10::optional<at::Tensor>& weight,
+                                                          const c10::optional<at::Tensor>& bias, double eps, bool silu,
+                                                          at::TensorList a_scales, at::TensorList group_indices,
+                                                          int64_t isa_id) {
+  TORCH_CHECK(!xs.empty(), "groupnorm_silu_quantize: no input");
+  const bool joined = a_scales.size() == 1 && xs.size() > 1;  // one output holding every part's channels
+  TORCH_CHECK((joined || a_scales.size() == xs.size()) && group_indices.size() == a_scales.size(),
+              "groupnorm_silu_quantize: ", xs.size(), " inputs need one activation scale table and group index, or ",
+              "one per input; got ", a_scales.size(), " and ", group_indices.size());
+  const at::Tensor& x0 = xs[0];
+  Norm nm;
+  int64_t C = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    check_cpu_float_input(x);
+    TORCH_CHECK(x.dim() == 4, "groupnorm_silu_quantize: expected [B, C, H, W], got ", x.dim(), " dims");
+    TORCH_CHECK(x.size(0) == x0.size(0) && x.size(2) == x0.size(2) && x.size(3) == x0.size(3),
+                "groupnorm_silu_quantize: the parts differ in batch or spatial size: ", x0.sizes(), " vs ", x.sizes());
+    const size_t s = joined ? 0 : i;
+    nm.parts.push_back({nhwc_rows(x), C, 1.0f / read_act_scale(a_scales[s], group_indices[s]), nullptr, 0});
+    C += x.size(1);
+  }
+  const int64_t B = x0.size(0), H = x0.size(2), W = x0.size(3);
   TORCH_CHECK(num_groups > 0 && C % num_groups == 0, "groupnorm: ", C, " channels do not split into ", num_groups,
               " groups");
   for (const auto* t : {&weight, &bias}) {
@@ -40,73 +161,48 @@ at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, 
       TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == C && (*t)->is_floating_point(),
                   "groupnorm affine parameters must be floating [", C, "]");
   }
-  const float inv = 1.0f / read_act_scale(a_scale, group_index);
-  const Isa isa = resolve_isa(isa_id);
-  auto xf = x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const float* xp = xf.data_ptr<float>();
   // affine parameters of a float16 / bfloat16 model are read in float32
-  at::Tensor wc = weight && weight->defined() ? weight->to(at::kFloat).contiguous() : at::ones({C}, xf.options());
-  at::Tensor bc = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, xf.options());
-  const float* wp = wc.data_ptr<float>();
-  const float* bp = bc.data_ptr<float>();
-  const int64_t G = num_groups, Cg = C / G;
-  // One statistics pass: tasks of (image, 64-row chunk) accumulate shifted sums in float (pilot = the
-  // image's first row), added per image in double; mean and variance follow exactly from them.
-  constexpr int64_t kChunk = 64;
-  const int64_t chunks = (HW + kChunk - 1) / kChunk;
-  std::vector<float> psum(B * chunks * C, 0.0f), psq(B * chunks * C, 0.0f);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / chunks, r0 = (t % chunks) * kChunk;
-      const float* xb = xp + b * HW * C;
-      cpu::norm_stats_rows(xb + r0 * C, std::min(kChunk, HW - r0), C, xb, &psum[t * C], &psq[t * C], isa);
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor wc = weight && weight->defined() ? weight->to(at::kFloat).contiguous() : at::ones({C}, fopt);
+  at::Tensor bc = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, fopt);
+  std::vector<at::Tensor> outs;
+  for (Part& p : nm.parts) {
+    if (joined) {
+      if (outs.empty()) outs.push_back(at::empty({B, H, W, C}, x0.options().dtype(at::kByte)));
+      p.out = outs[0].data_ptr<uint8_t>() + p.off;
+      p.ldo = C;
+    } else {
+      outs.push_back(at::empty({B, H, W, p.rows.C}, x0.options().dtype(at::kByte)));
+      p.out = outs.back().data_ptr<uint8_t>();
+      p.ldo = p.rows.C;
     }
-  });
-  // Per (b, c): the fused affine A, B, from sum_r (x - p) and sum_r (x - p)^2 of each channel.
-  std::vector<float> Aall(B * C), Ball(B * C);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> s1(C), s2(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* pilot = xp + b * HW * C;
-      std::fill(s1.begin(), s1.end(), 0.0);
-      std::fill(s2.begin(), s2.end(), 0.0);
-      for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t c = 0; c < C; ++c) {
-          s1[c] += psum[(b * chunks + k) * C + c];
-          s2[c] += psq[(b * chunks + k) * C + c];
-        }
-      const double n = static_cast<double>(HW), ng = static_cast<double>(Cg * HW);
-      for (int64_t gi = 0; gi < G; ++gi) {
-        double total = 0.0;
-        for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) total += s1[c] + n * pilot[c];
-        const double mean = total / ng;
-        double sq = 0.0;  // sum over the group of (x - mean)^2 = sum of s2 + 2 (p - mean) s1 + n (p - mean)^2
-        for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) {
-          const double dp = pilot[c] - mean;
-          sq += s2[c] + 2.0 * dp * s1[c] + n * dp * dp;
-        }
-        const double rstd = 1.0 / std::sqrt(std::max(sq / ng, 0.0) + eps);
-        for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) {
-          const double a = rstd * wp[c];
-          Aall[b * C + c] = static_cast<float>(a);
-          Ball[b * C + c] = static_cast<float>(bp[c] - mean * a);
-        }
-      }
-    }
-  });
-  auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, B * HW, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / HW;
-      cpu::norm_silu_quantize_row(xp + r * C, &Aall[b * C], &Ball[b * C], C, silu, inv, op + r * C, isa);
-    }
-  });
-  return out;
+  }
+  nm.B = B;
+  nm.HW = H * W;
+  nm.C = C;
+  nm.G = num_groups;
+  nm.chunks = (nm.HW + kChunk - 1) / kChunk;
+  nm.w = wc.data_ptr<float>();
+  nm.bias = bc.data_ptr<float>();
+  nm.eps = eps;
+  nm.silu = silu;
+  nm.isa = resolve_isa(isa_id);
+  if (B * nm.HW > 0) nm.run();
+  return outs;
+}
+
+at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias, double eps, bool silu,
+                                       const at::Tensor& a_scale, const at::Tensor& group_index, int64_t isa_id) {
+  return groupnorm_silu_quantize_split_cpu({x}, num_groups, weight, bias, eps, silu, {a_scale}, {group_index},
+                                           isa_id)[0];
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tgpq, CPU, m) { m.impl("groupnorm_silu_quantize", &groupnorm_silu_quantize_cpu); }
+TORCH_LIBRARY_IMPL(tgpq, CPU, m) {
+  m.impl("groupnorm_silu_quantize", &groupnorm_silu_quantize_cpu);
+  m.impl("groupnorm_silu_quantize_split", &groupnorm_silu_quantize_split_cpu);
+}
 
 }  // namespace tgpq

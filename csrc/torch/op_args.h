@@ -35,4 +35,42 @@ inline void check_cpu_float_input(const at::Tensor& x) {
               "cpu backend: input must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
+// The distance between consecutive pixels' channel vectors when x [B, C, H, W] stores every pixel's C values
+// contiguously at a uniform pixel stride >= C (channels_last, or a channel slice of it); -1 otherwise. Strides
+// of size-1 dimensions say nothing about the layout and are not read.
+inline int64_t pixel_stride(const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  if (C > 1 && x.stride(1) != 1) return -1;
+  int64_t ps = -1, span = 1;  // span: pixels covered by the dimensions checked so far
+  for (int d : {3, 2, 0}) {
+    if (x.size(d) == 1) continue;
+    if (ps < 0) ps = x.stride(d);
+    if (x.stride(d) != ps * span) return -1;
+    span *= x.size(d);
+  }
+  if (ps < 0) return C;  // a single pixel
+  return ps >= C ? ps : -1;
+}
+
+// x [B, C, H, W] float32/bfloat16/float16 as float32 NHWC rows: pixel p's C values at x + p * ld, read in place
+// where x is float32 at a uniform pixel stride (channels_last, or a channel slice of it), else from a
+// channels_last float32 copy that `owner` keeps alive.
+struct NhwcRows {
+  at::Tensor owner;
+  const float* x;
+  int64_t ld, C;
+};
+inline NhwcRows nhwc_rows(const at::Tensor& x) {
+  NhwcRows r;
+  r.owner = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  r.C = x.size(1);
+  r.ld = pixel_stride(r.owner);
+  if (r.ld < 0) {
+    r.owner = r.owner.contiguous(at::MemoryFormat::ChannelsLast);
+    r.ld = r.C;
+  }
+  r.x = r.owner.data_ptr<float>();
+  return r;
+}
+
 }  // namespace tgpq

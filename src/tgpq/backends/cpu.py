@@ -319,6 +319,31 @@ def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
     return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
 
+def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
+    """Linear over an already quantized uint8 input ``[M, in_features]`` (``x_q + 128`` with this layer's
+    activation scale, e.g. a ``groupnorm_silu_quantize`` output viewed as rows) -> float32 ``[M, out_features]``.
+    The microkernels run it as a 1x1 convolution over M pixels (the same int32 sums and epilogue as ``linear``)."""
+    if xq.dtype != torch.uint8 or xq.dim() != 2 or xq.shape[1] != layer.in_features:
+        raise TypeError(f"linear_u8 expects a uint8 [M, {layer.in_features}] tensor, got {xq.dtype} {tuple(xq.shape)}")
+    w_c4, wsum = prepare(layer)
+    xq = xq.contiguous()
+    m, n = xq.shape[0], layer.out_features_
+
+    def ours():
+        y = torch.ops.tgpq.qconv2d_u8(xq.reshape(1, m, 1, layer.in_features), w_c4, wsum, layer.w_scale, layer.a_scale,
+                                      layer.group_index, layer.bias, layer.bits, n, layer.in_features, [1, 1], [1, 1],
+                                      [0, 0], [1, 1], _isa_id(), None, None)
+        return y.permute(0, 2, 3, 1).reshape(m, n)  # channels_last [1, n, m, 1]: the rows as they are
+
+    def theirs():
+        if not _onednn_ok(xq):
+            return ours()
+        packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
+        return onednn.linear_u8(layer, packed, xq, _group_scale(layer))
+
+    return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
+
+
 def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True) -> torch.Tensor:
     """GroupNorm (+ SiLU) + quantization with ``layer``'s activation scale, one pass -> uint8 NHWC."""
     _check_input(x)
@@ -326,3 +351,25 @@ def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, si
         raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
     return torch.ops.tgpq.groupnorm_silu_quantize(x, norm.num_groups, norm.weight, norm.bias, float(norm.eps),
                                                   silu, layer.a_scale, layer.group_index, _isa_id())
+
+
+def groupnorm_silu_quantize_split(norm: torch.nn.GroupNorm, xs: list[torch.Tensor], layers: list,
+                                  silu: bool = True) -> list[torch.Tensor]:
+    """``groupnorm_silu_quantize`` of ``cat(xs, dim=1)`` without building the concatenation. With one layer per
+    part, part ``i`` is quantized with ``layers[i]``'s activation scale into its own uint8 NHWC ``[B, H, W, C_i]``
+    (the inputs of a split conv's parts); with a single layer, every part with its scale into one
+    ``[B, H, W, sum C_i]`` (a plain conv's input). Channel slices of a channels_last tensor are read in place."""
+    for x in xs:
+        _check_input(x)
+    if not isinstance(norm, torch.nn.GroupNorm):
+        raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
+    return torch.ops.tgpq.groupnorm_silu_quantize_split(
+        list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
+        [m.group_index for m in layers], _isa_id())
+
+
+def quantize_nhwc_cat(layer, xs: list[torch.Tensor]) -> torch.Tensor:
+    """``quantize_nhwc(layer, cat(xs, dim=1))`` without building the concatenation."""
+    for x in xs:
+        _check_input(x)
+    return torch.ops.tgpq.quantize_nhwc_u8_cat(list(xs), layer.a_scale, layer.group_index, _isa_id())

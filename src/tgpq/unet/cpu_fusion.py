@@ -6,13 +6,16 @@
   ``norm2 -> SiLU -> conv2`` each become one fused pass (GroupNorm statistics, normalise, SiLU,
   quantize with the conv's activation scale, write uint8 NHWC: ``groupnorm_silu_quantize``)
   followed by the implicit-GEMM conv over that uint8 tensor (``qconv2d_u8``). Activations stay
-  channels_last from block to block. Applies where the conv is a plain ``QConv2d``; a split conv
-  (concatenated skip input) keeps the unfused norm for that half of the block. The time-embedding
+  channels_last from block to block. Where conv1 is a split conv (a decoder block's concatenated skip
+  input), ``norm1`` runs over the concatenation's parts (``groupnorm_silu_quantize_split``: one uint8
+  tensor per conv part), and ``cpu_skips`` lets the decoder block hand over the two halves without
+  building the concatenation at all. The time-embedding
   add (into conv1), the second branch of a split conv and the residual add (into conv2) are done on
   each GEMM output block while it is in cache instead of as separate passes.
 * ``Attention`` (self-attention, no mask): when ``to_q``, ``to_k``, ``to_v`` are ``QLinear`` layers with
   identical activation-scale tables (they read the same tensor), they are merged into one
-  ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs. The
+  ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs; the
+  block's GroupNorm and that quantization are one pass (``groupnorm_silu_quantize`` without SiLU). The
   merged layer is derived from the three and rebuilt when their tensors change (it is not state).
   The attention itself stays float32 ``scaled_dot_product_attention`` (no error added).
 
@@ -72,24 +75,71 @@ def _conv(conv: nn.Module, x: torch.Tensor, row_bias: torch.Tensor | None = None
     return out if residual is None else out + residual
 
 
+def _conv_parts(conv: nn.Module, xs: list[torch.Tensor], row_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``_conv`` of ``cat(xs, dim=1)``: a split conv whose parts match ``xs`` reads them as they are."""
+    if len(xs) > 1 and isinstance(conv, QSplitConv2d) and [x.shape[1] for x in xs] == list(conv.in_splits):
+        out = cpu_backend.conv2d(conv.parts[0], xs[0], row_bias)
+        for part, x in zip(conv.parts[1:], xs[1:]):
+            out = cpu_backend.conv2d(part, x, None, out)
+        return out
+    if len(xs) > 1 and isinstance(conv, QConv2d):
+        return cpu_backend.conv2d_u8(conv, cpu_backend.quantize_nhwc_cat(conv, xs), row_bias)
+    return _conv(conv, xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), row_bias)
+
+
+def _conv_u8_parts(parts, us: list[torch.Tensor], row_bias: torch.Tensor | None) -> torch.Tensor:
+    """A split conv over its parts' uint8 NHWC inputs: ``(part0 + row_bias) + part1 + ...``."""
+    out = cpu_backend.conv2d_u8(parts[0], us[0], row_bias)
+    for part, u in zip(parts[1:], us[1:]):
+        out = cpu_backend.conv2d_u8(part, u, None, out)
+    return out
+
+
 def _resnet_forward_cpu(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _cpu_path(self.conv2, input_tensor):
         return self._tgpq_orig_forward(input_tensor, temb, *args, **kwargs)
-    x = input_tensor
+    xs = list(torch.split(input_tensor, list(self.conv1.in_splits), dim=1)) if self._tgpq_split1 else [input_tensor]
+    return _resnet_parts(self, xs, temb)
+
+
+def resnet_forward_parts(block: nn.Module, xs: list[torch.Tensor], temb: torch.Tensor | None) -> torch.Tensor:
+    """``block(cat(xs, dim=1), temb)`` without the concatenation (a skip connection's two halves) where the
+    fused path runs (norm1 fused into a plain conv1, or into a split conv1 whose split ``xs`` match); else the
+    block's own call on the ``cat``."""
+    split_ok = getattr(block, "_tgpq_fuse1", False) or (
+        getattr(block, "_tgpq_split1", False) and [x.shape[1] for x in xs] == list(block.conv1.in_splits))
+    if (split_ok and not (block._forward_hooks or block._forward_pre_hooks)
+            and all(_cpu_path(block.conv2, x) and x.dtype == xs[0].dtype for x in xs)):
+        return _resnet_parts(block, xs, temb)
+    return block(torch.cat(xs, dim=1), temb)
+
+
+def _resnet_parts(self, xs: list[torch.Tensor], temb: torch.Tensor | None) -> torch.Tensor:
+    """The fused ResnetBlock2D on the channel parts ``xs`` of its input (one part, or the two halves that a
+    split conv1 reads)."""
     t = None
     if self.time_emb_proj is not None and temb is not None:
         t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-    if self._tgpq_fuse1:
-        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, x, self.conv1), t)
+    if self._tgpq_split1:  # norm1 over the (virtual) concatenation, one uint8 tensor per part of conv1
+        us = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, list(self.conv1.parts))
+        h = _conv_u8_parts(self.conv1.parts, us, t)
+    elif self._tgpq_fuse1 and len(xs) > 1:  # one uint8 tensor of the concatenation's channels for conv1
+        u = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, [self.conv1])[0]
+        h = cpu_backend.conv2d_u8(self.conv1, u, t)
+    elif self._tgpq_fuse1:
+        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, xs[0], self.conv1), t)
     else:
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         h = _conv(self.conv1, self.nonlinearity(self.norm1(x)), t)
     if self.conv_shortcut is not None:
-        x = _conv(self.conv_shortcut, x)
+        x = _conv_parts(self.conv_shortcut, xs)
+    else:
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
     out = cpu_backend.conv2d_u8(self.conv2, cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2),
                                 residual=x)
     if self.output_scale_factor != 1.0:
         out = out / self.output_scale_factor
-    return out.to(input_tensor.dtype)  # the GEMMs write float32; a float16 / bfloat16 model keeps its dtype
+    return out.to(xs[0].dtype)  # the GEMMs write float32; a float16 / bfloat16 model keeps its dtype
 
 
 def fuse_resnet_block(block: nn.Module) -> bool:
@@ -102,8 +152,10 @@ def fuse_resnet_block(block: nn.Module) -> bool:
     if not ok:
         return False
     block._tgpq_fuse1 = _fusable_norm_conv(block.norm1, block.conv1)
+    block._tgpq_split1 = isinstance(block.conv1, QSplitConv2d) and all(isinstance(p, QConv2d) for p in block.conv1.parts)
     block._tgpq_orig_forward = block.forward
     block.forward = types.MethodType(_resnet_forward_cpu, block)
+    block._tgpq_forward_parts = types.MethodType(resnet_forward_parts, block)  # called by cpu_skips
     return True
 
 
@@ -171,11 +223,12 @@ class CpuAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         b, c, h, w = hidden_states.shape
-        x = hidden_states
-        if attn.group_norm is not None:
-            x = attn.group_norm(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # free for channels_last input
-        qkv = qkv_layer(x)
+        if isinstance(attn.group_norm, nn.GroupNorm):  # GroupNorm + quantize in one pass, uint8 rows to the GEMM
+            xq = cpu_backend.groupnorm_silu_quantize(attn.group_norm, hidden_states, qkv_layer, silu=False)
+            qkv = cpu_backend.linear_u8(qkv_layer, xq.reshape(b * h * w, c)).reshape(b, h * w, -1).to(residual.dtype)
+        else:
+            x = hidden_states if attn.group_norm is None else attn.group_norm(hidden_states)
+            qkv = qkv_layer(x.permute(0, 2, 3, 1).reshape(b, h * w, c))  # free for channels_last input
         inner = qkv.shape[-1] // 3
         head_dim = inner // attn.heads
         q, k, v = (t.reshape(b, h * w, attn.heads, head_dim).transpose(1, 2) for t in qkv.split(inner, dim=-1))
@@ -185,7 +238,7 @@ class CpuAttnProcessor:
         out = o.reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels_last view
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
 
 def fuse_attention(attn: nn.Module) -> bool:
@@ -204,20 +257,26 @@ def fuse_attention(attn: nn.Module) -> bool:
 
 
 def fuse_for_cpu(model: nn.Module) -> dict[str, int]:
-    """Patch every fusable ResnetBlock2D and Attention of a converted model, in place.
+    """Patch every fusable ResnetBlock2D, Attention and decoder block (cat-free skips, ``cpu_skips``) of a
+    converted model, in place.
 
     Call after ``tgpq.convert`` / ``tgpq.load`` (the model keeps its call signature). Returns counts
-    ``{"resnet_blocks": n, "attention": m}``. Idempotent.
+    ``{"resnet_blocks": n, "attention": m, "up_blocks": k}``. Idempotent.
     """
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
-    counts = {"resnet_blocks": 0, "attention": 0}
+    from .cpu_skips import fuse_up_block
+
+    counts = {"resnet_blocks": 0, "attention": 0, "up_blocks": 0}
     for mod in model.modules():
         if isinstance(mod, ResnetBlock2D) and fuse_resnet_block(mod):
             counts["resnet_blocks"] += 1
         elif isinstance(mod, Attention) and fuse_attention(mod):
             counts["attention"] += 1
+    for mod in model.modules():  # after the resnets: a decoder block is patched when all of its resnets are
+        if fuse_up_block(mod):
+            counts["up_blocks"] += 1
     for m in model.modules():  # repack every weight for the microkernels now, not on the first call
         if isinstance(m, (QLinear, QConv2d)):
             cpu_backend.prepare(m)
@@ -226,10 +285,13 @@ def fuse_for_cpu(model: nn.Module) -> dict[str, int]:
 
 def unfuse_for_cpu(model: nn.Module) -> None:
     """Undo ``fuse_for_cpu``'s forward patches."""
+    from .cpu_skips import unfuse_up_block
+
     for mod in model.modules():
+        unfuse_up_block(mod)
         if getattr(mod, "_tgpq_orig_forward", None) is not None:
             mod.forward = mod._tgpq_orig_forward
-            del mod._tgpq_orig_forward
+            del mod._tgpq_orig_forward, mod._tgpq_fuse1, mod._tgpq_split1, mod._tgpq_forward_parts
         proc = getattr(mod, "processor", None)
         if isinstance(proc, CpuAttnProcessor):
             mod.set_processor(proc.original)
