@@ -42,7 +42,8 @@ def write_report(res: dict, out_dir: Path, stem: str = "bench_cpu") -> None:
                      f"{g['tgpq_w8a8']:.0f} | {_pct(w8)} | {_pct(w4)} | {sv.get('w8a8', '-')}, {sv.get('w4a8', '-')} |")
         L += ["", f"Rows above their ceiling: {', '.join(over) if over else 'none'}.", ""]
     if res.get("memory_passes"):
-        L += ["## Memory-bound passes (GB/s: 4 B read + 1 B written per element; copy: 4 + 4)", "",
+        L += ["## Memory-bound passes (GB/s: 4 B read + 1 B written per element, medians; copy: 4 + 4, the best of "
+              "many calls)", "",
               "| input [B,C,H,W] | groups | GN+SiLU+quantize ms | GB/s | % of copy | quantize ms | GB/s | % of copy | "
               "copy GB/s |", "|" + "---|" * 9]
         for r in res["memory_passes"]:

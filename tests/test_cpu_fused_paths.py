@@ -257,3 +257,25 @@ def test_attention_block_fuses_its_group_norm():
         y_plain = attn.processor.original(attn, x)
     assert (y - y_plain).pow(2).mean().sqrt() <= 0.005 * y_plain.pow(2).mean().sqrt()
 
+
+
+@pytest.mark.parametrize("isa", cb.supported_isas())
+def test_norm_with_row_bias_is_the_norm_of_the_sum(isa):
+    """``row_bias`` [B, C] enters the norm without being written: against a float64 GroupNorm + SiLU of
+    ``x + row_bias``, at most one quantization step off and nearly always exact; both ops, large offsets too."""
+    gen = torch.Generator().manual_seed(8)
+    a, s, norm = _case(gen, 3, 40, 56, 6, 5, 8)
+    rb = torch.randn(3, 96, generator=gen) * 5
+    layer = _layer(96, 0.02)
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(
+        torch.cat([a, s], 1).double() + rb.double()[:, :, None, None], 8, norm.weight.double(),
+        norm.bias.double(), norm.eps))
+    q = ((ref / 0.02).round().clamp(-127, 127) + 128).permute(0, 2, 3, 1)
+    with cb.force_isa(isa):
+        outs = (cb.groupnorm_silu_quantize(norm, torch.cat([a, s], 1), layer, row_bias=rb),
+                cb.groupnorm_silu_quantize_split(norm, [a, s], [layer], row_bias=rb)[0])
+    for u in outs:
+        diff = (u.double() - q).abs()
+        assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-3
+    with pytest.raises(RuntimeError, match="row_bias must be floating"):
+        cb.groupnorm_silu_quantize(norm, torch.cat([a, s], 1), layer, row_bias=rb[:, :5])

@@ -5,6 +5,8 @@
 //   groupnorm_silu_quantize(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa)
 //     x: float32/bfloat16/float16 [B, C, H, W] -> uint8 [B, H, W, C]
 //     u8 = clamp(rne(silu?(gn(x)) * (1 / a_scale[g])), -127, 127) + 128
+//   row_bias (optional, both ops): [B, C] added to the input first, gn(x + row_bias[:, :, None, None]) (a conv's
+//     time-embedding add, never written out: it shifts the pilot values and folds into the affine offset)
 //   groupnorm_silu_quantize_split(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa)
 //     the same GroupNorm over the channel concatenation cat(xs, dim=1), never materialised (a skip connection's
 //     two halves, whose groups may straddle the boundary); part i is quantized with a_scales[i] and written
@@ -51,6 +53,7 @@ struct Norm {
   std::vector<Part> parts;
   int64_t B, HW, C, G, chunks;
   const float *w, *bias;
+  const float* row_bias = nullptr;  // [B, C] added to the input before the norm, or null
   double eps;
   bool silu;
   Isa isa;
@@ -68,9 +71,11 @@ struct Norm {
 
   void affine(int64_t b) {  // A, B of image b from its chunks' sums, per group over the concatenated channels
     std::vector<double> s1(C, 0.0), s2(C, 0.0);
-    std::vector<float> pilot(C);
+    std::vector<double> pilot(C);  // of x + row_bias: the sums of x - p are those of (x + rb) - (p + rb)
     for (const Part& p : parts)
       for (int64_t c = 0; c < p.rows.C; ++c) pilot[p.off + c] = p.rows.x[b * HW * p.rows.ld + c];
+    if (row_bias)
+      for (int64_t c = 0; c < C; ++c) pilot[c] += row_bias[b * C + c];
     for (int64_t k = 0; k < chunks; ++k)
       for (int64_t c = 0; c < C; ++c) {
         s1[c] += psum[(b * chunks + k) * C + c];
@@ -91,7 +96,8 @@ struct Norm {
       for (int64_t c = gi * Cg; c < (gi + 1) * Cg; ++c) {
         const double a = rstd * w[c];
         A[b * C + c] = static_cast<float>(a);
-        Bv[b * C + c] = static_cast<float>(bias[c] - mean * a);
+        // a * (x + rb) + bias - mean * a, with a * rb folded into the offset
+        Bv[b * C + c] = static_cast<float>(row_bias ? bias[c] + (row_bias[b * C + c] - mean) * a : bias[c] - mean * a);
       }
     }
   }
@@ -134,7 +140,7 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
                                                           const c10::optional<at::Tensor>& weight,
                                                           const c10::optional<at::Tensor>& bias, double eps, bool silu,
                                                           at::TensorList a_scales, at::TensorList group_indices,
-                                                          int64_t isa_id) {
+                                                          int64_t isa_id, const c10::optional<at::Tensor>& row_bias) {
   TORCH_CHECK(!xs.empty(), "groupnorm_silu_quantize: no input");
   const bool joined = a_scales.size() == 1 && xs.size() > 1;  // one output holding every part's channels
   TORCH_CHECK((joined || a_scales.size() == xs.size()) && group_indices.size() == a_scales.size(),
@@ -165,6 +171,14 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   at::Tensor wc = weight && weight->defined() ? weight->to(at::kFloat).contiguous() : at::ones({C}, fopt);
   at::Tensor bc = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, fopt);
+  at::Tensor rbc;
+  if (row_bias && row_bias->defined()) {
+    TORCH_CHECK(row_bias->dim() == 2 && row_bias->size(0) == B && row_bias->size(1) == C &&
+                    row_bias->is_floating_point(),
+                "groupnorm_silu_quantize: row_bias must be floating [", B, ", ", C, "], got ", row_bias->sizes());
+    rbc = row_bias->to(at::kFloat).contiguous();
+    nm.row_bias = rbc.data_ptr<float>();
+  }
   std::vector<at::Tensor> outs;
   for (Part& p : nm.parts) {
     if (joined) {
@@ -193,9 +207,10 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
 
 at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                                        const c10::optional<at::Tensor>& bias, double eps, bool silu,
-                                       const at::Tensor& a_scale, const at::Tensor& group_index, int64_t isa_id) {
+                                       const at::Tensor& a_scale, const at::Tensor& group_index, int64_t isa_id,
+                                       const c10::optional<at::Tensor>& row_bias) {
   return groupnorm_silu_quantize_split_cpu({x}, num_groups, weight, bias, eps, silu, {a_scale}, {group_index},
-                                           isa_id)[0];
+                                           isa_id, row_bias)[0];
 }
 
 }  // namespace

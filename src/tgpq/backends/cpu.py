@@ -344,28 +344,31 @@ def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
     return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
 
-def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True) -> torch.Tensor:
-    """GroupNorm (+ SiLU) + quantization with ``layer``'s activation scale, one pass -> uint8 NHWC."""
+def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True,
+                            row_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm (+ SiLU) + quantization with ``layer``'s activation scale, one pass -> uint8 NHWC. ``row_bias``
+    ``[B, C]`` (optional) is added to ``x`` first without writing the sum (a conv's time-embedding add)."""
     _check_input(x)
     if not isinstance(norm, torch.nn.GroupNorm):
         raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
     return torch.ops.tgpq.groupnorm_silu_quantize(x, norm.num_groups, norm.weight, norm.bias, float(norm.eps),
-                                                  silu, layer.a_scale, layer.group_index, _isa_id())
+                                                  silu, layer.a_scale, layer.group_index, _isa_id(), row_bias)
 
 
 def groupnorm_silu_quantize_split(norm: torch.nn.GroupNorm, xs: list[torch.Tensor], layers: list,
-                                  silu: bool = True) -> list[torch.Tensor]:
+                                  silu: bool = True, row_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``groupnorm_silu_quantize`` of ``cat(xs, dim=1)`` without building the concatenation. With one layer per
     part, part ``i`` is quantized with ``layers[i]``'s activation scale into its own uint8 NHWC ``[B, H, W, C_i]``
     (the inputs of a split conv's parts); with a single layer, every part with its scale into one
-    ``[B, H, W, sum C_i]`` (a plain conv's input). Channel slices of a channels_last tensor are read in place."""
+    ``[B, H, W, sum C_i]`` (a plain conv's input). Channel slices of a channels_last tensor are read in place;
+    ``row_bias`` as in ``groupnorm_silu_quantize`` (over the concatenation's channels)."""
     for x in xs:
         _check_input(x)
     if not isinstance(norm, torch.nn.GroupNorm):
         raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
     return torch.ops.tgpq.groupnorm_silu_quantize_split(
         list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
-        [m.group_index for m in layers], _isa_id())
+        [m.group_index for m in layers], _isa_id(), row_bias)
 
 
 def quantize_nhwc_cat(layer, xs: list[torch.Tensor]) -> torch.Tensor:

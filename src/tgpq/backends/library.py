@@ -62,7 +62,8 @@ if _LOAD_ERROR is None:
         return x.new_empty((b, h, w, c), dtype=torch.uint8)
 
     @torch.library.register_fake("tgpq::groupnorm_silu_quantize")
-    def _groupnorm_silu_quantize_fake(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa):
+    def _groupnorm_silu_quantize_fake(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa,
+                                      row_bias=None):
         b, c, h, w = x.shape
         return x.new_empty((b, h, w, c), dtype=torch.uint8)
 
@@ -72,7 +73,8 @@ if _LOAD_ERROR is None:
         return xs[0].new_empty((b, h, w, sum(x.shape[1] for x in xs)), dtype=torch.uint8)
 
     @torch.library.register_fake("tgpq::groupnorm_silu_quantize_split")
-    def _groupnorm_silu_quantize_split_fake(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa):
+    def _groupnorm_silu_quantize_split_fake(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa,
+                                            row_bias=None):
         b, _, h, w = xs[0].shape
         if len(a_scales) == 1:
             return [xs[0].new_empty((b, h, w, sum(x.shape[1] for x in xs)), dtype=torch.uint8)]

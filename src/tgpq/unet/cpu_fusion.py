@@ -9,9 +9,10 @@
   channels_last from block to block. Where conv1 is a split conv (a decoder block's concatenated skip
   input), ``norm1`` runs over the concatenation's parts (``groupnorm_silu_quantize_split``: one uint8
   tensor per conv part), and ``cpu_skips`` lets the decoder block hand over the two halves without
-  building the concatenation at all. The time-embedding
-  add (into conv1), the second branch of a split conv and the residual add (into conv2) are done on
-  each GEMM output block while it is in cache instead of as separate passes.
+  building the concatenation at all. The time-embedding add is folded into norm2 (it shifts the
+  statistics' pilot values and the affine offset; the sum is never written), the second branch of a
+  split conv and the residual add (into conv2) are done on each GEMM output block while it is in cache
+  instead of as separate passes.
 * ``Attention`` (self-attention, no mask): when ``to_q``, ``to_k``, ``to_v`` are ``QLinear`` layers with
   identical activation-scale tables (they read the same tensor), they are merged into one
   ``QLinear`` with ``3 * inner_dim`` outputs: the input is quantized once and one GEMM runs; the
@@ -21,8 +22,8 @@
 
 Numerics: the fused GroupNorm + SiLU differs from torch's by a few float32 ulps (see
 ``csrc/torch/norm_ops.cpp``), so a quantized activation moves by one step only where it lies within
-~1e-6 of a rounding boundary. The fused adds are the same float32 adds, except that a split conv1 sums
-``(branch0 + temb) + branch1`` where the module computes ``(branch0 + branch1) + temb`` (ulps).
+~1e-6 of a rounding boundary. The fused adds are the same float32 adds; the time embedding enters norm2
+exactly (the module rounds ``conv1 + temb`` to float32 first: ulps).
 
 The patched forwards fall back to the original code when the layer's backend does not resolve to the
 cpu backend for the input (a CUDA tensor, ``set_backend(model, "reference")``), when grad is enabled,
@@ -120,23 +121,24 @@ def _resnet_parts(self, xs: list[torch.Tensor], temb: torch.Tensor | None) -> to
     t = None
     if self.time_emb_proj is not None and temb is not None:
         t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    # conv1's time-embedding add is folded into norm2 (its statistics and affine offset), never written out
     if self._tgpq_split1:  # norm1 over the (virtual) concatenation, one uint8 tensor per part of conv1
         us = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, list(self.conv1.parts))
-        h = _conv_u8_parts(self.conv1.parts, us, t)
+        h = _conv_u8_parts(self.conv1.parts, us, None)
     elif self._tgpq_fuse1 and len(xs) > 1:  # one uint8 tensor of the concatenation's channels for conv1
         u = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, [self.conv1])[0]
-        h = cpu_backend.conv2d_u8(self.conv1, u, t)
+        h = cpu_backend.conv2d_u8(self.conv1, u)
     elif self._tgpq_fuse1:
-        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, xs[0], self.conv1), t)
+        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, xs[0], self.conv1))
     else:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
-        h = _conv(self.conv1, self.nonlinearity(self.norm1(x)), t)
+        h = _conv(self.conv1, self.nonlinearity(self.norm1(x)))
     if self.conv_shortcut is not None:
         x = _conv_parts(self.conv_shortcut, xs)
     else:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
-    out = cpu_backend.conv2d_u8(self.conv2, cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2),
-                                residual=x)
+    u = cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2, row_bias=t)
+    out = cpu_backend.conv2d_u8(self.conv2, u, residual=x)
     if self.output_scale_factor != 1.0:
         out = out / self.output_scale_factor
     return out.to(xs[0].dtype)  # the GEMMs write float32; a float16 / bfloat16 model keeps its dtype
