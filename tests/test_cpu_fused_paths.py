@@ -85,6 +85,24 @@ def test_joined_outputs_are_the_concatenations(isa, dtype):
             assert torch.equal(cb.quantize_nhwc_cat(layer, xs), cb.quantize_nhwc(layer, cat))
 
 
+@pytest.mark.parametrize("isa", cb.supported_isas())
+def test_norm_also_writes_the_plain_quantization_of_its_input(isa):
+    """From one read: the norm's outputs as without the extra outputs, and the input's plain quantization as
+    ``quantize_nhwc`` writes it, per part (a split shortcut) or joined (a plain shortcut), bit for bit."""
+    gen = torch.Generator().manual_seed(13)
+    a, s, norm = _case(gen, 3, 40, 56, 6, 5, 8)
+    layers, plain = [_layer(40, 0.02), _layer(56, 0.03)], [_layer(40, 0.05), _layer(56, 0.07)]
+    joined = _layer(96, 0.06)
+    with cb.force_isa(isa):
+        us = cb.groupnorm_silu_quantize_split(norm, [a, s], layers)
+        us2, vs = cb.groupnorm_silu_quantize_and_input(norm, [a, s], layers, plain)
+        us3, (v,) = cb.groupnorm_silu_quantize_and_input(norm, [a, s], [joined], [joined])
+        assert all(torch.equal(p, q) for p, q in zip(us, us2)) and len(vs) == 2
+        assert all(torch.equal(vq, cb.quantize_nhwc(m, x)) for vq, m, x in zip(vs, plain, (a, s)))
+        assert torch.equal(v, cb.quantize_nhwc(joined, torch.cat([a, s], 1)))
+        assert torch.equal(us3[0], cb.groupnorm_silu_quantize_split(norm, [a, s], [joined])[0])
+
+
 def test_split_norm_refuses_parts_of_other_sizes():
     a, s, norm = _case(torch.Generator().manual_seed(0), 2, 8, 8, 4, 4, 4)
     with pytest.raises(RuntimeError, match="differ in batch or spatial size"):

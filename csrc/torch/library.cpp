@@ -80,7 +80,8 @@ TORCH_LIBRARY(tgpq, m) {
       "Tensor a_scale, Tensor group_index, int isa, Tensor? row_bias=None) -> Tensor");
   m.def(
       "groupnorm_silu_quantize_split(Tensor[] xs, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
-      "Tensor[] a_scales, Tensor[] group_indices, int isa, Tensor? row_bias=None) -> Tensor[]");
+      "Tensor[] a_scales, Tensor[] group_indices, int isa, Tensor? row_bias, Tensor[] plain_a_scales, "
+      "Tensor[] plain_group_indices) -> Tensor[]");
   // what this CPU can run, and its ceilings (GMAC/s summed over `threads` threads, each for `seconds`)
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
   m.def("cpu_isa_supported(int isa) -> bool", &cpu_isa_supported);

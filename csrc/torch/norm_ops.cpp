@@ -5,6 +5,8 @@
 //   groupnorm_silu_quantize(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa)
 //     x: float32/bfloat16/float16 [B, C, H, W] -> uint8 [B, H, W, C]
 //     u8 = clamp(rne(silu?(gn(x)) * (1 / a_scale[g])), -127, 127) + 128
+//   plain_a_scales / plain_group_indices (optional, split op): also the plain quantization of the input as it
+//     is, from the same read (the 1x1 shortcut's input), as further outputs laid out like the first ones
 //   row_bias (optional, both ops): [B, C] added to the input first, gn(x + row_bias[:, :, None, None]) (a conv's
 //     time-embedding add, never written out: it shifts the pilot values and folds into the affine offset)
 //   groupnorm_silu_quantize_split(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa)
@@ -39,15 +41,46 @@ namespace {
 using cpu::Isa;
 constexpr int64_t kChunk = 64;  // rows per float partial sum
 
+// Where one part's quantized rows go: row r at out + r * ldo (out null: not written), with scale 1 / inv.
+struct Dest {
+  uint8_t* out = nullptr;
+  int64_t ldo = 0;
+  float inv = 0.0f;
+};
+
 // One input part: pixel (b, r) of it at rows.x + (b * HW + r) * rows.ld, channels [off, off + C) of the
-// concatenation; its quantized row written at out + (b * HW + r) * ldo.
+// concatenation; its normalised rows go to `norm`, its plain quantization (of x as it is) to `plain`.
 struct Part {
   NhwcRows rows;
   int64_t off;
-  float inv;
-  uint8_t* out;
-  int64_t ldo;
+  Dest norm, plain;
 };
+
+// The outputs of one kind: with one scale table per part an output per part [B, H, W, C_i]; with a single
+// table, for several parts, one output [B, H, W, C] of every part's channels. Sets each part's `which`.
+std::vector<at::Tensor> make_outputs(std::vector<Part>& parts, at::TensorList scales, at::TensorList groups,
+                                     Dest Part::*which, at::IntArrayRef bhw, int64_t C, const at::TensorOptions& opt) {
+  const bool joined = scales.size() == 1 && parts.size() > 1;
+  TORCH_CHECK((joined || scales.size() == parts.size()) && groups.size() == scales.size(), "groupnorm_silu_quantize: ",
+              parts.size(), " inputs need one activation scale table and group index, or one per input; got ",
+              scales.size(), " and ", groups.size());
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Part& p = parts[i];
+    Dest& d = p.*which;
+    d.inv = 1.0f / read_act_scale(scales[joined ? 0 : i], groups[joined ? 0 : i]);
+    if (joined) {
+      if (outs.empty()) outs.push_back(at::empty({bhw[0], bhw[1], bhw[2], C}, opt));
+      d.out = outs[0].data_ptr<uint8_t>() + p.off;
+      d.ldo = C;
+    } else {
+      outs.push_back(at::empty({bhw[0], bhw[1], bhw[2], p.rows.C}, opt));
+      d.out = outs.back().data_ptr<uint8_t>();
+      d.ldo = p.rows.C;
+    }
+  }
+  return outs;
+}
 
 struct Norm {
   std::vector<Part> parts;
@@ -105,9 +138,12 @@ struct Norm {
   void rows(int64_t r0, int64_t r1) {  // flat pixel rows b * HW + r
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / HW;
-      for (const Part& p : parts)
-        cpu::norm_silu_quantize_row(p.rows.x + r * p.rows.ld, &A[b * C + p.off], &Bv[b * C + p.off], p.rows.C,
-                                    silu, p.inv, p.out + r * p.ldo, isa);
+      for (const Part& p : parts) {
+        const float* xr = p.rows.x + r * p.rows.ld;
+        cpu::norm_silu_quantize_row(xr, &A[b * C + p.off], &Bv[b * C + p.off], p.rows.C, silu, p.norm.inv,
+                                    p.norm.out + r * p.norm.ldo, isa);
+        if (p.plain.out) cpu::quantize_u8(xr, p.rows.C, p.plain.inv, p.plain.out + r * p.plain.ldo, isa);
+      }
     }
   }
 
@@ -140,12 +176,10 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
                                                           const c10::optional<at::Tensor>& weight,
                                                           const c10::optional<at::Tensor>& bias, double eps, bool silu,
                                                           at::TensorList a_scales, at::TensorList group_indices,
-                                                          int64_t isa_id, const c10::optional<at::Tensor>& row_bias) {
+                                                          int64_t isa_id, const c10::optional<at::Tensor>& row_bias,
+                                                          at::TensorList plain_a_scales,
+                                                          at::TensorList plain_group_indices) {
   TORCH_CHECK(!xs.empty(), "groupnorm_silu_quantize: no input");
-  const bool joined = a_scales.size() == 1 && xs.size() > 1;  // one output holding every part's channels
-  TORCH_CHECK((joined || a_scales.size() == xs.size()) && group_indices.size() == a_scales.size(),
-              "groupnorm_silu_quantize: ", xs.size(), " inputs need one activation scale table and group index, or ",
-              "one per input; got ", a_scales.size(), " and ", group_indices.size());
   const at::Tensor& x0 = xs[0];
   Norm nm;
   int64_t C = 0;
@@ -155,8 +189,7 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
     TORCH_CHECK(x.dim() == 4, "groupnorm_silu_quantize: expected [B, C, H, W], got ", x.dim(), " dims");
     TORCH_CHECK(x.size(0) == x0.size(0) && x.size(2) == x0.size(2) && x.size(3) == x0.size(3),
                 "groupnorm_silu_quantize: the parts differ in batch or spatial size: ", x0.sizes(), " vs ", x.sizes());
-    const size_t s = joined ? 0 : i;
-    nm.parts.push_back({nhwc_rows(x), C, 1.0f / read_act_scale(a_scales[s], group_indices[s]), nullptr, 0});
+    nm.parts.push_back({nhwc_rows(x), C, {}, {}});
     C += x.size(1);
   }
   const int64_t B = x0.size(0), H = x0.size(2), W = x0.size(3);
@@ -179,17 +212,12 @@ std::vector<at::Tensor> groupnorm_silu_quantize_split_cpu(at::TensorList xs, int
     rbc = row_bias->to(at::kFloat).contiguous();
     nm.row_bias = rbc.data_ptr<float>();
   }
-  std::vector<at::Tensor> outs;
-  for (Part& p : nm.parts) {
-    if (joined) {
-      if (outs.empty()) outs.push_back(at::empty({B, H, W, C}, x0.options().dtype(at::kByte)));
-      p.out = outs[0].data_ptr<uint8_t>() + p.off;
-      p.ldo = C;
-    } else {
-      outs.push_back(at::empty({B, H, W, p.rows.C}, x0.options().dtype(at::kByte)));
-      p.out = outs.back().data_ptr<uint8_t>();
-      p.ldo = p.rows.C;
-    }
+  const auto u8 = x0.options().dtype(at::kByte);
+  std::vector<at::Tensor> outs = make_outputs(nm.parts, a_scales, group_indices, &Part::norm, {B, H, W}, C, u8);
+  if (!plain_a_scales.empty()) {
+    std::vector<at::Tensor> plain =
+        make_outputs(nm.parts, plain_a_scales, plain_group_indices, &Part::plain, {B, H, W}, C, u8);
+    outs.insert(outs.end(), plain.begin(), plain.end());
   }
   nm.B = B;
   nm.HW = H * W;
@@ -210,7 +238,7 @@ at::Tensor groupnorm_silu_quantize_cpu(const at::Tensor& x, int64_t num_groups, 
                                        const at::Tensor& a_scale, const at::Tensor& group_index, int64_t isa_id,
                                        const c10::optional<at::Tensor>& row_bias) {
   return groupnorm_silu_quantize_split_cpu({x}, num_groups, weight, bias, eps, silu, {a_scale}, {group_index},
-                                           isa_id, row_bias)[0];
+                                           isa_id, row_bias, {}, {})[0];
 }
 
 }  // namespace

@@ -368,7 +368,22 @@ def groupnorm_silu_quantize_split(norm: torch.nn.GroupNorm, xs: list[torch.Tenso
         raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
     return torch.ops.tgpq.groupnorm_silu_quantize_split(
         list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
-        [m.group_index for m in layers], _isa_id(), row_bias)
+        [m.group_index for m in layers], _isa_id(), row_bias, [], [])
+
+
+def groupnorm_silu_quantize_and_input(norm: torch.nn.GroupNorm, xs: list[torch.Tensor], layers: list,
+                                      input_layers: list, silu: bool = True) -> tuple[list, list]:
+    """``groupnorm_silu_quantize_split(norm, xs, layers)`` and, from the same read of ``xs``, their plain
+    quantization with ``input_layers``' scales (one per part, or one layer: one tensor of the concatenation),
+    as ``quantize_nhwc`` / ``quantize_nhwc_cat`` would write it: ``(normalised outputs, input outputs)``."""
+    for x in xs:
+        _check_input(x)
+    out = torch.ops.tgpq.groupnorm_silu_quantize_split(
+        list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
+        [m.group_index for m in layers], _isa_id(), None, [m.a_scale for m in input_layers],
+        [m.group_index for m in input_layers])
+    n = 1 if len(layers) == 1 else len(xs)
+    return out[:n], out[n:]
 
 
 def quantize_nhwc_cat(layer, xs: list[torch.Tensor]) -> torch.Tensor:

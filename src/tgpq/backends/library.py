@@ -74,11 +74,15 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("tgpq::groupnorm_silu_quantize_split")
     def _groupnorm_silu_quantize_split_fake(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa,
-                                            row_bias=None):
+                                            row_bias, plain_a_scales, plain_group_indices):
         b, _, h, w = xs[0].shape
-        if len(a_scales) == 1:
-            return [xs[0].new_empty((b, h, w, sum(x.shape[1] for x in xs)), dtype=torch.uint8)]
-        return [x.new_empty((b, h, w, x.shape[1]), dtype=torch.uint8) for x in xs]
+
+        def outputs(scales):
+            if len(scales) == 1:
+                return [xs[0].new_empty((b, h, w, sum(x.shape[1] for x in xs)), dtype=torch.uint8)]
+            return [x.new_empty((b, h, w, x.shape[1]), dtype=torch.uint8) for x in xs]
+
+        return outputs(a_scales) + (outputs(plain_a_scales) if plain_a_scales else [])
 
     @torch.library.register_fake("tgpq::qlinear")
     def _qlinear_fake(x, w, w_sum, w_scale, a_scale, group_index, bias, bits, out_features, in_features, variant):

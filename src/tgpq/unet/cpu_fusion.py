@@ -88,6 +88,16 @@ def _conv_parts(conv: nn.Module, xs: list[torch.Tensor], row_bias: torch.Tensor 
     return _conv(conv, xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), row_bias)
 
 
+def _shortcut_input_layers(conv: nn.Module | None, xs: list[torch.Tensor]) -> list | None:
+    """The layers whose activation scales quantize a 1x1 shortcut's input ``xs`` (the conv, or its parts when
+    they match the parts of ``xs``), or None when the shortcut does not read uint8 input."""
+    if isinstance(conv, QConv2d):
+        return [conv]
+    if isinstance(conv, QSplitConv2d) and len(xs) > 1 and [x.shape[1] for x in xs] == list(conv.in_splits):
+        return list(conv.parts)
+    return None
+
+
 def _conv_u8_parts(parts, us: list[torch.Tensor], row_bias: torch.Tensor | None) -> torch.Tensor:
     """A split conv over its parts' uint8 NHWC inputs: ``(part0 + row_bias) + part1 + ...``."""
     out = cpu_backend.conv2d_u8(parts[0], us[0], row_bias)
@@ -121,20 +131,23 @@ def _resnet_parts(self, xs: list[torch.Tensor], temb: torch.Tensor | None) -> to
     t = None
     if self.time_emb_proj is not None and temb is not None:
         t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-    # conv1's time-embedding add is folded into norm2 (its statistics and affine offset), never written out
-    if self._tgpq_split1:  # norm1 over the (virtual) concatenation, one uint8 tensor per part of conv1
-        us = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, list(self.conv1.parts))
-        h = _conv_u8_parts(self.conv1.parts, us, None)
-    elif self._tgpq_fuse1 and len(xs) > 1:  # one uint8 tensor of the concatenation's channels for conv1
-        u = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, [self.conv1])[0]
-        h = cpu_backend.conv2d_u8(self.conv1, u)
-    elif self._tgpq_fuse1:
-        h = cpu_backend.conv2d_u8(self.conv1, cpu_backend.groupnorm_silu_quantize(self.norm1, xs[0], self.conv1))
+    # conv1's time-embedding add is folded into norm2 (its statistics and affine offset), never written out;
+    # a quantized 1x1 shortcut gets its uint8 input from norm1's read of the same tensor
+    sc, vs = self.conv_shortcut, None
+    sc_layers = _shortcut_input_layers(sc, xs)
+    if self._tgpq_split1 or self._tgpq_fuse1:
+        layers = list(self.conv1.parts) if self._tgpq_split1 else [self.conv1]
+        if sc_layers:
+            us, vs = cpu_backend.groupnorm_silu_quantize_and_input(self.norm1, xs, layers, sc_layers)
+        else:
+            us = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, layers)
+        h = _conv_u8_parts(layers, us, None)
     else:
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
-        h = _conv(self.conv1, self.nonlinearity(self.norm1(x)))
-    if self.conv_shortcut is not None:
-        x = _conv_parts(self.conv_shortcut, xs)
+        h = _conv(self.conv1, self.nonlinearity(self.norm1(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))))
+    if vs is not None:
+        x = _conv_u8_parts(sc_layers, vs, None)
+    elif sc is not None:
+        x = _conv_parts(sc, xs)
     else:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
     u = cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2, row_bias=t)
