@@ -2,7 +2,6 @@
 // (schemas: library.cpp; layouts: layout/pack_c4.h, cpu/ukernel.h).
 //
 //   quantize_nhwc_u8(x, a_scale, group_index, isa)     float [B,C,H,W] (any layout) -> u8 [B,H,W,C]
-//   quantize_nhwc_u8_cat(xs, a_scale, group_index, isa) the same of cat(xs, dim=1), never materialised
 //   qconv2d_u8(xq, ..., row_bias, residual)            u8 NHWC -> float32 channels_last [B,N,Ho,Wo],
 //                                                       optional per-image bias and residual added in cache
 //   qconv2d(x, w_c4, wsum, ...)                         quantize_nhwc_u8 + qconv2d_u8
@@ -146,37 +145,6 @@ at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, 
   return out;
 }
 
-at::Tensor quantize_nhwc_u8_cat_cpu(at::TensorList xs, const at::Tensor& a_scale, const at::Tensor& group_index,
-                                    int64_t isa_id) {
-  TORCH_CHECK(!xs.empty(), "quantize_nhwc_u8_cat: no input");
-  const Isa isa = resolve_isa(isa_id);
-  const float inv = 1.0f / act_scale(a_scale, group_index);
-  std::vector<NhwcRows> parts;
-  int64_t C = 0;
-  for (const at::Tensor& x : xs) {
-    check_cpu_float_input(x);
-    TORCH_CHECK(x.dim() == 4 && x.size(0) == xs[0].size(0) && x.size(2) == xs[0].size(2) &&
-                    x.size(3) == xs[0].size(3),
-                "quantize_nhwc_u8_cat: parts must be [B, C_i, H, W] of one B, H, W, got ", xs[0].sizes(), " and ",
-                x.sizes());
-    parts.push_back(nhwc_rows(x));
-    C += x.size(1);
-  }
-  const int64_t P = xs[0].size(0) * xs[0].size(2) * xs[0].size(3);
-  auto out = at::empty({xs[0].size(0), xs[0].size(2), xs[0].size(3), C}, xs[0].options().dtype(at::kByte));
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, P, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t off = 0;
-      for (const NhwcRows& r : parts) {
-        cpu::quantize_u8(r.x + p * r.ld, r.C, inv, dst + p * C + off, isa);
-        off += r.C;
-      }
-    }
-  });
-  return out;
-}
-
 at::Tensor qconv2d_u8_cpu(const at::Tensor& xq, const at::Tensor& w_c4, const at::Tensor& wsum,
                           const at::Tensor& w_scale, const at::Tensor& a_scale, const at::Tensor& group_index,
                           const c10::optional<at::Tensor>& bias, int64_t bits, int64_t out_channels,
@@ -298,7 +266,6 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& w_c4, const c10::o
 
 TORCH_LIBRARY_IMPL(tgpq, CPU, m) {
   m.impl("quantize_nhwc_u8", &quantize_nhwc_u8_cpu);
-  m.impl("quantize_nhwc_u8_cat", &quantize_nhwc_u8_cat_cpu);
   m.impl("qconv2d_u8", &qconv2d_u8_cpu);
   m.impl("qconv2d", &qconv2d_cpu);
   m.impl("qlinear", &qlinear_cpu);

@@ -375,7 +375,8 @@ def groupnorm_silu_quantize_and_input(norm: torch.nn.GroupNorm, xs: list[torch.T
                                       input_layers: list, silu: bool = True) -> tuple[list, list]:
     """``groupnorm_silu_quantize_split(norm, xs, layers)`` and, from the same read of ``xs``, their plain
     quantization with ``input_layers``' scales (one per part, or one layer: one tensor of the concatenation),
-    as ``quantize_nhwc`` / ``quantize_nhwc_cat`` would write it: ``(normalised outputs, input outputs)``."""
+    as ``quantize_nhwc`` would write it (of each part, or of the concatenation): ``(normalised outputs, input
+    outputs)``."""
     for x in xs:
         _check_input(x)
     out = torch.ops.tgpq.groupnorm_silu_quantize_split(
@@ -384,10 +385,3 @@ def groupnorm_silu_quantize_and_input(norm: torch.nn.GroupNorm, xs: list[torch.T
         [m.group_index for m in input_layers])
     n = 1 if len(layers) == 1 else len(xs)
     return out[:n], out[n:]
-
-
-def quantize_nhwc_cat(layer, xs: list[torch.Tensor]) -> torch.Tensor:
-    """``quantize_nhwc(layer, cat(xs, dim=1))`` without building the concatenation."""
-    for x in xs:
-        _check_input(x)
-    return torch.ops.tgpq.quantize_nhwc_u8_cat(list(xs), layer.a_scale, layer.group_index, _isa_id())

@@ -67,11 +67,6 @@ if _LOAD_ERROR is None:
         b, c, h, w = x.shape
         return x.new_empty((b, h, w, c), dtype=torch.uint8)
 
-    @torch.library.register_fake("tgpq::quantize_nhwc_u8_cat")
-    def _quantize_nhwc_u8_cat_fake(xs, a_scale, group_index, isa):
-        b, _, h, w = xs[0].shape
-        return xs[0].new_empty((b, h, w, sum(x.shape[1] for x in xs)), dtype=torch.uint8)
-
     @torch.library.register_fake("tgpq::groupnorm_silu_quantize_split")
     def _groupnorm_silu_quantize_split_fake(xs, num_groups, weight, bias, eps, silu, a_scales, group_indices, isa,
                                             row_bias, plain_a_scales, plain_group_indices):

@@ -76,18 +76,6 @@ def _conv(conv: nn.Module, x: torch.Tensor, row_bias: torch.Tensor | None = None
     return out if residual is None else out + residual
 
 
-def _conv_parts(conv: nn.Module, xs: list[torch.Tensor], row_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``_conv`` of ``cat(xs, dim=1)``: a split conv whose parts match ``xs`` reads them as they are."""
-    if len(xs) > 1 and isinstance(conv, QSplitConv2d) and [x.shape[1] for x in xs] == list(conv.in_splits):
-        out = cpu_backend.conv2d(conv.parts[0], xs[0], row_bias)
-        for part, x in zip(conv.parts[1:], xs[1:]):
-            out = cpu_backend.conv2d(part, x, None, out)
-        return out
-    if len(xs) > 1 and isinstance(conv, QConv2d):
-        return cpu_backend.conv2d_u8(conv, cpu_backend.quantize_nhwc_cat(conv, xs), row_bias)
-    return _conv(conv, xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), row_bias)
-
-
 def _shortcut_input_layers(conv: nn.Module | None, xs: list[torch.Tensor]) -> list | None:
     """The layers whose activation scales quantize a 1x1 shortcut's input ``xs`` (the conv, or its parts when
     they match the parts of ``xs``), or None when the shortcut does not read uint8 input."""
@@ -147,7 +135,7 @@ def _resnet_parts(self, xs: list[torch.Tensor], temb: torch.Tensor | None) -> to
     if vs is not None:
         x = _conv_u8_parts(sc_layers, vs, None)
     elif sc is not None:
-        x = _conv_parts(sc, xs)
+        x = _conv(sc, xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
     else:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
     u = cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2, row_bias=t)

@@ -4,8 +4,8 @@ A decoder (up) block concatenates its input with a skip tensor before each Resne
 (``torch.cat([hidden, skip], dim=1)``), a float pass that writes both again. The fused resnet
 (``cpu_fusion``) reads the two halves as they are: GroupNorm + SiLU + quantize over the virtual
 concatenation (``groupnorm_silu_quantize_split``) writes conv1's uint8 input (one tensor per part of a
-split conv1, calibrated per half; else one tensor, where the concatenation costs a byte per value), and
-the 1x1 shortcut quantizes the halves into its input (``quantize_nhwc_cat``) or runs its parts on them. ``fuse_up_block``
+split conv1, calibrated per half; else one tensor, where the concatenation costs a byte per value), and,
+from the same read, the 1x1 shortcut's uint8 input (per part or joined). ``fuse_up_block``
 patches ``UpBlock2D``, ``AttnUpBlock2D`` and ``CrossAttnUpBlock2D`` so that their loop hands the halves to
 the resnet instead of concatenating them; the result is bit for bit what the resnet computes on the
 concatenated tensor.
