@@ -46,9 +46,11 @@ def _oracle_bound(acc: torch.Tensor, s: torch.Tensor, bias: torch.Tensor):
 
 
 def _run_all_isas(fn):
+    """``fn()`` on every ISA path of the microkernels (forced: in auto mode a VNNI path may measure oneDNN
+    faster for a shape and serve it, which differs from the microkernels in the last bit), all bit-equal."""
     outs = {}
     for isa in ISAS:
-        with cb.force_isa(isa):
+        with cb.force_isa(isa), cb.force_kernel("ukernel"):
             outs[isa] = fn()
     first = next(iter(outs.values()))
     for isa, y in outs.items():
