@@ -240,13 +240,21 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     return ours()
 
 
-def _onednn_linear(layer, x: torch.Tensor, fallback=None) -> torch.Tensor:
-    x2 = x.reshape(-1, layer.in_features)
-    xq = quantize_nhwc(layer, x2[:, :, None, None]).reshape(x2.shape)
+def _onednn_packed(layer):
+    """oneDNN's prepacked weight of ``layer`` (rebuilt when its weight or scales change)."""
+    return onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
+
+
+def _onednn_linear_u8(layer, xq: torch.Tensor, fallback=None) -> torch.Tensor:
+    """oneDNN's linear over uint8 rows ``xq`` ``[M, K]``; an input holding a NaN code goes to ``fallback``."""
     if fallback is not None and not _onednn_ok(xq):
         return fallback()
-    packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
-    y = onednn.linear_u8(layer, packed, xq, _group_scale(layer))
+    return onednn.linear_u8(layer, _onednn_packed(layer), xq, _group_scale(layer))
+
+
+def _onednn_linear(layer, x: torch.Tensor, fallback=None) -> torch.Tensor:
+    x2 = x.reshape(-1, layer.in_features)
+    y = _onednn_linear_u8(layer, quantize_nhwc(layer, x2[:, :, None, None]).reshape(x2.shape), fallback)
     return y.reshape(*x.shape[:-1], layer.out_features_).to(x.dtype)
 
 
@@ -282,8 +290,7 @@ def _onednn_conv(layer, xq, row_bias, residual, fallback) -> torch.Tensor:
     """oneDNN's conv over u8 NHWC ``xq``, then the optional adds of the conv ops' contract (same order)."""
     if not _onednn_ok(xq):
         return fallback()
-    packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
-    y = onednn.conv2d_u8(layer, packed, xq, _group_scale(layer))  # a fresh tensor: added to in place
+    y = onednn.conv2d_u8(layer, _onednn_packed(layer), xq, _group_scale(layer))  # a fresh tensor: added to in place
     if row_bias is not None:
         y.add_(row_bias[:, :, None, None].to(torch.float32))
     if residual is not None:
@@ -336,10 +343,7 @@ def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
         return y.permute(0, 2, 3, 1).reshape(m, n)  # channels_last [1, n, m, 1]: the rows as they are
 
     def theirs():
-        if not _onednn_ok(xq):
-            return ours()
-        packed = onednn.prepare(layer, (state_key(layer.w_packed, layer.w_scale), layer.bits))
-        return onednn.linear_u8(layer, packed, xq, _group_scale(layer))
+        return _onednn_linear_u8(layer, xq, ours)
 
     return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
@@ -355,6 +359,18 @@ def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, si
                                                   silu, layer.a_scale, layer.group_index, _isa_id(), row_bias)
 
 
+def _norm_quantize(norm, xs: list[torch.Tensor], layers: list, silu: bool, row_bias, input_layers=()) -> list:
+    """The one call of ``groupnorm_silu_quantize_split``: the normalised outputs, then those of ``input_layers``."""
+    for x in xs:
+        _check_input(x)
+    if not isinstance(norm, torch.nn.GroupNorm):
+        raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
+    return torch.ops.tgpq.groupnorm_silu_quantize_split(
+        list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
+        [m.group_index for m in layers], _isa_id(), row_bias, [m.a_scale for m in input_layers],
+        [m.group_index for m in input_layers])
+
+
 def groupnorm_silu_quantize_split(norm: torch.nn.GroupNorm, xs: list[torch.Tensor], layers: list,
                                   silu: bool = True, row_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``groupnorm_silu_quantize`` of ``cat(xs, dim=1)`` without building the concatenation. With one layer per
@@ -362,13 +378,7 @@ def groupnorm_silu_quantize_split(norm: torch.nn.GroupNorm, xs: list[torch.Tenso
     (the inputs of a split conv's parts); with a single layer, every part with its scale into one
     ``[B, H, W, sum C_i]`` (a plain conv's input). Channel slices of a channels_last tensor are read in place;
     ``row_bias`` as in ``groupnorm_silu_quantize`` (over the concatenation's channels)."""
-    for x in xs:
-        _check_input(x)
-    if not isinstance(norm, torch.nn.GroupNorm):
-        raise TypeError(f"expected an nn.GroupNorm, got {type(norm).__name__}")
-    return torch.ops.tgpq.groupnorm_silu_quantize_split(
-        list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
-        [m.group_index for m in layers], _isa_id(), row_bias, [], [])
+    return _norm_quantize(norm, xs, layers, silu, row_bias)
 
 
 def groupnorm_silu_quantize_and_input(norm: torch.nn.GroupNorm, xs: list[torch.Tensor], layers: list,
@@ -377,11 +387,6 @@ def groupnorm_silu_quantize_and_input(norm: torch.nn.GroupNorm, xs: list[torch.T
     quantization with ``input_layers``' scales (one per part, or one layer: one tensor of the concatenation),
     as ``quantize_nhwc`` would write it (of each part, or of the concatenation): ``(normalised outputs, input
     outputs)``."""
-    for x in xs:
-        _check_input(x)
-    out = torch.ops.tgpq.groupnorm_silu_quantize_split(
-        list(xs), norm.num_groups, norm.weight, norm.bias, float(norm.eps), silu, [m.a_scale for m in layers],
-        [m.group_index for m in layers], _isa_id(), None, [m.a_scale for m in input_layers],
-        [m.group_index for m in input_layers])
+    out = _norm_quantize(norm, xs, layers, silu, None, input_layers)
     n = 1 if len(layers) == 1 else len(xs)
     return out[:n], out[n:]

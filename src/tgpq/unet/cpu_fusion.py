@@ -76,6 +76,11 @@ def _conv(conv: nn.Module, x: torch.Tensor, row_bias: torch.Tensor | None = None
     return out if residual is None else out + residual
 
 
+def _joined(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The block input the parts ``xs`` stand for (concatenated only where a path needs it whole)."""
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+
+
 def _shortcut_input_layers(conv: nn.Module | None, xs: list[torch.Tensor]) -> list | None:
     """The layers whose activation scales quantize a 1x1 shortcut's input ``xs`` (the conv, or its parts when
     they match the parts of ``xs``), or None when the shortcut does not read uint8 input."""
@@ -131,13 +136,13 @@ def _resnet_parts(self, xs: list[torch.Tensor], temb: torch.Tensor | None) -> to
             us = cpu_backend.groupnorm_silu_quantize_split(self.norm1, xs, layers)
         h = _conv_u8_parts(layers, us, None)
     else:
-        h = _conv(self.conv1, self.nonlinearity(self.norm1(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))))
+        h = _conv(self.conv1, self.nonlinearity(self.norm1(_joined(xs))))
     if vs is not None:
         x = _conv_u8_parts(sc_layers, vs, None)
     elif sc is not None:
-        x = _conv(sc, xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
+        x = _conv(sc, _joined(xs))
     else:
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        x = _joined(xs)
     u = cpu_backend.groupnorm_silu_quantize(self.norm2, h, self.conv2, row_bias=t)
     out = cpu_backend.conv2d_u8(self.conv2, u, residual=x)
     if self.output_scale_factor != 1.0:
