@@ -4,9 +4,10 @@
     python benchmarks/bench_cpu.py --model sd15    # one SD-1.5 UNet forward (batch 2, 64x64 latents, 77 tokens)
     python benchmarks/bench_cpu.py --quick         # a seconds-long smoke run (CI)
 
-* Ceilings (``cpu_layers.ceilings``), measured here on all threads: the fp32 FMA instruction's throughput
-  and tgpq's serving int8 microkernels on L2-resident operands; every per-layer rate is printed as a
-  share of the ceiling it is held to (a row above 100 % would mean the ceiling is not one: it is flagged).
+* Ceilings (``cpu_layers.ceilings``), measured here on all threads: the fp32 FMA instruction's throughput,
+  the serving microkernels' int8 multiply-accumulate instruction and, on an AMX CPU, AMX's tile dot product
+  (the ceiling of the rows oneDNN served); every per-layer rate is printed as a share of the ceiling it is
+  held to (a row above 100 % would mean the ceiling is not one: it is flagged).
 * Layer level: every distinct Conv2d / Linear shape of the UNet at batch 16 and 64: fp32 eager, tgpq W8A8 and
   W4A8 (float input -> one quantize pass -> implicit GEMM; and the GEMM alone on a u8 input), oneDNN int8
   (``torch.ops.onednn``, plain uint8, zero point 128) with its max error against the exact integer result;
@@ -42,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # tgpq itself is the installed package (README: install)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark's own modules beside it
 
-from cpu_layers import CEILING_OF, bench_layers, ceilings, memory_passes, round_robin  # noqa: E402
+from cpu_layers import bench_layers, ceilings, memory_passes, pct_of_ceiling, round_robin  # noqa: E402
 from cpu_peers import SD15_TEXT, SD15_UNET_CONFIG, openvino_hybrid, openvino_models, pt2e_model  # noqa: E402
 from cpu_report import write_report  # noqa: E402
 
@@ -364,8 +365,7 @@ def main(argv=None) -> dict:
     if res["layers"]:  # the best of before and after; the shares follow
         res["ceilings"] = ceilings(0.1 if a.quick else 0.3, 1 if a.quick else 5, res["ceilings"])
         for r in res["layers"]:
-            r["pct_of_ceiling"] = {k: 100 * r["gmacs"][k] / res["ceilings"][c] for k, c in CEILING_OF.items()
-                                   if k in r["gmacs"]}
+            r["pct_of_ceiling"] = pct_of_ceiling(r, res["ceilings"])
     res["memory_passes"] = memory_passes(unet, 2 if a.quick else 16, size, max(3, a.repeats))
     res["end_to_end"] = []
     stem = a.stem or "bench_cpu"

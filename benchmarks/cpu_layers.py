@@ -15,6 +15,27 @@ CEILING_OF = {"fp32": "fp32_fma", "tgpq_w8a8": "int8_w8", "tgpq_w8a8_gemm": "int
               "tgpq_w4a8_gemm": "int8_w4"}
 
 
+def ceiling_of(column: str, served_by: str, ceil: dict) -> str | None:
+    """The ceiling a column of a layer row is held to: the fp32 FMA's for fp32; for tgpq's columns the serving
+    microkernels' instruction, or, where oneDNN served (part of) the layer on a CPU with AMX, the AMX tile
+    unit's (oneDNN's int8 kernels run on it there, far above vpdpbusd)."""
+    c = CEILING_OF.get(column)
+    if c and c != "fp32_fma" and "onednn" in served_by and ceil.get("int8_amx"):
+        return "int8_amx"
+    return c
+
+
+def pct_of_ceiling(row: dict, ceil: dict) -> dict:
+    """``{column: % of its ceiling}`` for a layer row of ``bench_layers``."""
+    out = {}
+    for k, v in row["gmacs"].items():
+        served = row["served_by"].get(k.split("_")[1], "") if k.startswith("tgpq_") else ""
+        c = ceiling_of(k, served, ceil)
+        if c and ceil.get(c):
+            out[k] = 100 * v / ceil[c]
+    return out
+
+
 def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Median seconds per call of each fn, interleaved (one call of each per round)."""
     times = {k: [] for k in fns}
@@ -46,7 +67,8 @@ def ceilings(seconds: float = 0.3, tries: int = 5, previous: dict | None = None)
     """GMAC/s on all threads (``torch.get_num_threads()``) for the serving ISA, the best of ``tries`` runs
     (and of ``previous``: measure before and after the layers): ceilings, by construction above any layer,
     ``fp32_fma`` (the FMA instruction's throughput: no fp32 conv computing every MAC exceeds it) and
-    ``int8_w8`` / ``int8_w4`` (the serving microkernels' multiply-accumulate instructions alone); and, for
+    ``int8_w8`` / ``int8_w4`` (the serving microkernels' multiply-accumulate instructions alone), ``int8_amx``
+    (AMX's tile dot product, 0 without AMX: oneDNN's ceiling there); and, for
     reference, the serving microkernels on L2-resident operands (``kernel_w8`` / ``kernel_w4``) and torch's
     fp32 ``mm`` 1024^3 (``torch_mm``)."""
     from tgpq.backends import cpu as cb
@@ -58,6 +80,7 @@ def ceilings(seconds: float = 0.3, tries: int = 5, previous: dict | None = None)
               "int8_w4": lambda: torch.ops.tgpq.cpu_int8_instruction_peak(isa, 4, seconds, th),
               "kernel_w8": lambda: torch.ops.tgpq.cpu_ukernel_peak(isa, 8, seconds, th),
               "kernel_w4": lambda: torch.ops.tgpq.cpu_ukernel_peak(isa, 4, seconds, th),
+              "int8_amx": lambda: torch.ops.tgpq.cpu_amx_int8_peak(seconds, th),
               "torch_mm": lambda: 1024 ** 3 / round_robin({"mm": lambda: a @ a}, 3)["mm"] / 1e9}
     best = {k: (previous or {}).get(k, 0.0) for k in probes}
     for _ in range(tries):
@@ -191,9 +214,8 @@ def bench_layers(unet, batches, repeats, sample_size, ceil: dict) -> list[dict]:
                    "ms": {k: v * 1e3 for k, v in t.items()}, "gmacs": gmacs,
                    "speedup_vs_fp32": {k: t["fp32"] / v for k, v in t.items()},
                    "onednn_rel_err": onednn_err,
-                   "served_by": {f"w{bits}a8": served(layer) for bits, layer in layers.items()},
-                   "pct_of_ceiling": {k: 100 * v / ceil[c] for k, v in gmacs.items()
-                                      if (c := CEILING_OF.get(k)) and ceil.get(c)}}
+                   "served_by": {f"w{bits}a8": served(layer) for bits, layer in layers.items()}}
+            row["pct_of_ceiling"] = pct_of_ceiling(row, ceil)
             rows.append(row)
     return rows
 

@@ -22,7 +22,10 @@ def write_report(res: dict, out_dir: Path, stem: str = "bench_cpu") -> None:
               f"{c['fp32_fma']:.0f}; the int8 kernels' multiply-accumulate instructions W8 {c['int8_w8']:.0f} "
               f"({c['int8_w8'] / c['fp32_fma']:.2f}x fp32), W4 {c['int8_w4']:.0f} ({c['int8_w4'] / c['fp32_fma']:.2f}x fp32). For reference: the microkernels on L2-resident operands "
               f"W8 {c['kernel_w8']:.0f}, W4 {c['kernel_w4']:.0f}; torch fp32 mm 1024^3 {c['torch_mm']:.0f}. fp32 convs "
-              f"may exceed the FMA ceiling only by skipping MACs (Winograd).", ""]
+              f"may exceed the FMA ceiling only by skipping MACs (Winograd)."
+              + (f" AMX tile dot product (tdpbusd) {c['int8_amx']:.0f} ({c['int8_amx'] / c['fp32_fma']:.1f}x fp32): the "
+                 f"ceiling of every row oneDNN served (its int8 kernels run on AMX here)." if c.get("int8_amx") else ""),
+              ""]
     if res.get("layers"):
         L += ["## Per layer (median ms; speedup over fp32 eager; GMAC/s; % of the ceiling each column is held to)", "",
               "| batch | layer (kind,cin,cout,k,s,p,H,W) | n | fp32 ms | fp32 % FMA | tgpq W8A8 | W8 GEMM only | "

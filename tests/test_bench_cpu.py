@@ -55,3 +55,25 @@ def test_quick_covers_every_layer_shape_and_the_contenders(quick):
     # the fused CPU path computes what the unfused one does up to GroupNorm ulps
     assert abs(err["tgpq_w8a8"] - err["tgpq_w8a8_unfused"]) < 0.01
     assert res["sampling"]["steps"] == 2 and "tgpq_w8a8" in res["sampling"]["seconds"]
+
+
+def _cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from /proc/cpuinfo")
+def test_amx_ceiling_is_measured_exactly_where_the_cpu_has_amx(quick):
+    """The AMX tile dot product's peak (the ceiling of oneDNN's rows on an AMX CPU) is 0 without AMX and a
+    real rate with it, so that no oneDNN row on an AMX machine is held to vpdpbusd's lower ceiling."""
+    res, _ = quick
+    amx = res["ceilings"]["int8_amx"]
+    if {"amx_tile", "amx_int8"} <= _cpu_flags():
+        assert math.isfinite(amx) and amx > 0
+        over = [(r["shape"], k) for r in res["layers"] for k, v in r["pct_of_ceiling"].items() if v > 100]
+        assert not over, over
+    else:
+        assert amx == 0.0

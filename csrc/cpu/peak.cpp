@@ -1,7 +1,10 @@
 // Ceilings of the CPU benchmark (peak.h).
 #include "cpu/peak.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <random>
@@ -88,6 +91,56 @@ __attribute__((target("avx512f,avx512vnni"))) int64_t dpbusd_loop_avx512(int64_t
   return reps * 12 * 64;
 }
 
+// AMX: the tile unit's u8 x s8 dot product (tdpbusd: C[16x16 int32] += A[16 rows x 64 u8] . B[16 x 64 s8], 16,384
+// MACs), four independent accumulator tiles fed from two A and two B tiles (oneDNN's 2x2 blocking), tiles only.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// cpuid leaf 7 EDX bits 24 (AMX-TILE) and 25 (AMX-INT8); and Linux keeps AMX's tile data off until a process
+// asks (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), as oneDNN does before its first AMX kernel.
+bool amx_int8_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+__attribute__((target("amx-tile,amx-int8"))) int64_t dpbusd_loop_amx(int64_t reps, int32_t* sink) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) static thread_local uint8_t a[16 * 64];
+  alignas(64) static thread_local int32_t c[16 * 16];
+  for (int i = 0; i < 16 * 64; ++i) a[i] = static_cast<uint8_t>(i * 7 + 1);
+  for (int i = 0; i < 16 * 16; ++i) c[i] = i;
+  _tile_loadd(0, c, 64);
+  _tile_loadd(1, c, 64);
+  _tile_loadd(2, c, 64);
+  _tile_loadd(3, c, 64);
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a, 64);
+  _tile_loadd(6, a, 64);
+  _tile_loadd(7, a, 64);
+  for (int64_t r = 0; r < reps; ++r) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_release();
+  *sink += c[0];
+  return reps * 4 * 16 * 16 * 64;
+}
+
 int64_t mac_loop_scalar(int64_t reps, int32_t* sink) {
   int32_t acc[12];
   for (int i = 0; i < 12; ++i) acc[i] = i;
@@ -120,6 +173,18 @@ double int8_instruction_peak_gmacs(Isa isa, int bits, double seconds) {
     macs += isa == Isa::kAvx512Vnni ? dpbusd_loop_avx512(1 << 16, &sink)
             : isa == Isa::kAvx2      ? (bits == 8 ? madd_loop_avx2_w8(1 << 16, &sink) : maddubs_loop_avx2_w4(1 << 16, &sink))
                                      : mac_loop_scalar(1 << 14, &sink);
+  } while (elapsed(t0) < seconds);
+  const double s = elapsed(t0);
+  return sink == 1234567 ? 0.0 : macs / s / 1e9;
+}
+
+double amx_int8_peak_gmacs(double seconds) {
+  if (!amx_int8_usable()) return 0.0;
+  int32_t sink = 0;
+  int64_t macs = 0;
+  const auto t0 = Clock::now();
+  do {
+    macs += dpbusd_loop_amx(1 << 12, &sink);
   } while (elapsed(t0) < seconds);
   const double s = elapsed(t0);
   return sink == 1234567 ? 0.0 : macs / s / 1e9;

@@ -45,6 +45,10 @@ double cpu_int8_instruction_peak(int64_t isa, int64_t bits, double seconds, int6
   return on_threads(threads, [&] { return cpu::int8_instruction_peak_gmacs(i, static_cast<int>(bits), seconds); });
 }
 
+double cpu_amx_int8_peak(double seconds, int64_t threads) {
+  return on_threads(threads, [&] { return cpu::amx_int8_peak_gmacs(seconds); });
+}
+
 double cpu_ukernel_peak(int64_t isa, int64_t bits, double seconds, int64_t threads) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   const cpu::Isa i = resolve_isa(isa);
@@ -85,6 +89,7 @@ TORCH_LIBRARY(tgpq, m) {
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
   m.def("cpu_isa_supported(int isa) -> bool", &cpu_isa_supported);
   m.def("cpu_fp32_peak(int isa, float seconds, int threads) -> float", &cpu_fp32_peak);
+  m.def("cpu_amx_int8_peak(float seconds, int threads) -> float", &cpu_amx_int8_peak);
   m.def("cpu_ukernel_peak(int isa, int bits, float seconds, int threads) -> float", &cpu_ukernel_peak);
   m.def("cpu_int8_instruction_peak(int isa, int bits, float seconds, int threads) -> float",
         &cpu_int8_instruction_peak);
