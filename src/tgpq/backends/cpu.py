@@ -9,7 +9,9 @@ Weights are repacked ONCE per layer into the microkernels' c4-block layout (``tg
 ``prepare(layer)`` caches two non-persistent buffers on the layer (``_cpu_w_c4`` int8 and ``_cpu_wsum``
 int32); they are rebuilt lazily when missing or when ``w_packed`` was modified in place (e.g. by
 ``load_state_dict``). int4 weights stay int4 in that layout (half the bytes of int8) and are unpacked
-in registers.
+in registers. A layer that oneDNN serves for every input shape it has seen (auto mode) drops this copy
+(oneDNN keeps its own); it is rebuilt when the microkernels are needed again (a NaN input, a shape they
+win), and layers a torch.compile graph reads keep it.
 
 Which ISA path and kernel family serve a call is ``tgpq.backends.cpu_dispatch``'s (re-exported here).
 ISA paths: ``avx512vnni`` (vpdpbusd, 4x64 tiles), ``avx2`` and ``scalar``. The path is chosen once, at
@@ -61,9 +63,14 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``w_c4``: int8 ``[ceil(N/16), block_bytes]``; ``wsum``: int32 ``[16 * ceil(N/16)]`` (128 * row sums of
     the weight, the zero-point compensation). Cached as non-persistent buffers on the layer. Under
-    ``torch.compile`` the cached buffers are used as they are (``convert`` prepares every layer).
+    ``torch.compile`` the cached buffers are used as they are (``convert`` prepares every layer) and the layer
+    keeps them from then on; a layer whose buffers were released (``_release_ukernel_weights``) is repacked
+    inside the compiled graph (correct, slower: compile before the first eager call to avoid it).
     """
     if torch.compiler.is_compiling():
+        layer._cpu_keep_c4 = True  # a side effect dynamo replays: later eager calls keep what the graph reads
+        if getattr(layer, "_cpu_w_c4", None) is None:
+            return torch.ops.tgpq.prepack_c4(layer.w_packed, layer.bits, layer.k)
         return layer._cpu_w_c4, layer._cpu_wsum
     library.require_extension()
     current_isa()  # the ISA path is chosen here at the latest (before any torch.compile trace)
@@ -75,6 +82,19 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     layer.register_buffer("_cpu_wsum", wsum, persistent=False)
     object.__setattr__(layer, "_cpu_key", key)
     return w_c4, wsum
+
+
+def _release_ukernel_weights(layer) -> None:
+    """Drop ``layer``'s microkernel copy of its weight once oneDNN serves every shape it has seen (auto mode):
+    oneDNN holds its own packed copy, and two would double the weight memory. ``prepare`` rebuilds it if the
+    microkernels are needed again (a new shape they win, a NaN input). Layers a torch.compile graph reads keep it."""
+    if getattr(layer, "_cpu_w_c4", None) is not None and not getattr(layer, "_cpu_keep_c4", False):
+        layer._cpu_w_c4 = None
+        layer._cpu_wsum = None
+
+
+def _choose(layer, shape: tuple, ours, theirs) -> str:
+    return kernel_for(layer, shape, ours, theirs, on_onednn_only=_release_ukernel_weights)
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -91,13 +111,13 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     _check_input(x)
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"qlinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-    w_c4, wsum = prepare(layer)
 
     def ours():
+        w_c4, wsum = prepare(layer)
         return torch.ops.tgpq.qlinear(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
                                       layer.bits, layer.out_features_, layer.in_features, _isa_id())
 
-    if kernel_for(layer, tuple(x.shape), ours, lambda: _onednn_linear(layer, x)) == "onednn":
+    if _choose(layer, tuple(x.shape), ours, lambda: _onednn_linear(layer, x)) == "onednn":
         return _onednn_linear(layer, x, fallback=ours)
     return ours()
 
@@ -136,16 +156,16 @@ def conv2d(layer, x: torch.Tensor, row_bias: torch.Tensor | None = None,
     if x.dim() != 4 or x.shape[1] != layer.in_channels:
         raise ValueError(f"qconv2d: expected input [B, {layer.in_channels}, H, W] ({layer.in_channels} channels), "
                          f"got {tuple(x.shape)}")
-    w_c4, wsum = prepare(layer)
 
     def ours():
+        w_c4, wsum = prepare(layer)
         return torch.ops.tgpq.qconv2d(x, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index, layer.bias,
                                       *_conv_args(layer), _isa_id(), row_bias, residual)
 
     def theirs():
         return _onednn_conv(layer, quantize_nhwc(layer, x), row_bias, residual, ours).to(x.dtype)
 
-    return theirs() if kernel_for(layer, tuple(x.shape), ours, theirs) == "onednn" else ours()
+    return theirs() if _choose(layer, tuple(x.shape), ours, theirs) == "onednn" else ours()
 
 
 def _onednn_conv(layer, xq, row_bias, residual, fallback) -> torch.Tensor:
@@ -175,17 +195,17 @@ def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,
         raise TypeError(f"conv2d_u8 expects a uint8 [B, H, W, C] tensor, got {xq.dtype} {tuple(xq.shape)}")
     if xq.shape[3] != layer.in_channels:
         raise ValueError(f"qconv2d: input has {xq.shape[3]} channels, the layer expects {layer.in_channels}")
-    w_c4, wsum = prepare(layer)
     xq = xq.contiguous()
 
     def ours():
+        w_c4, wsum = prepare(layer)
         return torch.ops.tgpq.qconv2d_u8(xq, w_c4, wsum, layer.w_scale, layer.a_scale, layer.group_index,
                                          layer.bias, *_conv_args(layer), _isa_id(), row_bias, residual)
 
     def theirs():
         return _onednn_conv(layer, xq, row_bias, residual, ours)
 
-    return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
+    return theirs() if _choose(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
 
 def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
@@ -194,11 +214,11 @@ def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
     The microkernels run it as a 1x1 convolution over M pixels (the same int32 sums and epilogue as ``linear``)."""
     if xq.dtype != torch.uint8 or xq.dim() != 2 or xq.shape[1] != layer.in_features:
         raise TypeError(f"linear_u8 expects a uint8 [M, {layer.in_features}] tensor, got {xq.dtype} {tuple(xq.shape)}")
-    w_c4, wsum = prepare(layer)
     xq = xq.contiguous()
     m, n = xq.shape[0], layer.out_features_
 
     def ours():
+        w_c4, wsum = prepare(layer)
         y = torch.ops.tgpq.qconv2d_u8(xq.reshape(1, m, 1, layer.in_features), w_c4, wsum, layer.w_scale, layer.a_scale,
                                       layer.group_index, layer.bias, layer.bits, n, layer.in_features, [1, 1], [1, 1],
                                       [0, 0], [1, 1], _isa_id(), None, None)
@@ -207,7 +227,7 @@ def linear_u8(layer, xq: torch.Tensor) -> torch.Tensor:
     def theirs():
         return _onednn_linear_u8(layer, xq, ours)
 
-    return theirs() if kernel_for(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
+    return theirs() if _choose(layer, ("u8",) + tuple(xq.shape), ours, theirs) == "onednn" else ours()
 
 
 def groupnorm_silu_quantize(norm: torch.nn.GroupNorm, x: torch.Tensor, layer, silu: bool = True,

@@ -128,11 +128,12 @@ def _geometry(layer) -> tuple:
     return ("linear", layer.in_features, layer.out_features_, layer.bits)
 
 
-def kernel_for(layer, shape: tuple, run_ukernel, run_onednn) -> str:
+def kernel_for(layer, shape: tuple, run_ukernel, run_onednn, on_onednn_only=None) -> str:
     """The kernel family for ``layer`` on inputs of ``shape``: forced, or (``auto``, where oneDNN is exact)
     measured on the first input of this layer geometry and shape in the process, both ways, and kept for
     every layer of that geometry (so that two copies of one model, e.g. before and after save/load,
-    compute the same bits); ``served_by`` tells what served ``layer``."""
+    compute the same bits); ``served_by`` tells what served ``layer``. ``on_onednn_only(layer)`` is called
+    when a new shape leaves every shape ``layer`` has seen on oneDNN (auto mode)."""
     mode = kernel_mode()
     if mode != "auto":
         return mode
@@ -145,7 +146,11 @@ def kernel_for(layer, shape: tuple, run_ukernel, run_onednn) -> str:
             _PLANS[key] = "onednn" if _timed(run_onednn) < _timed(run_ukernel) else "ukernel"
         else:
             _PLANS[key] = "ukernel"
-    layer.__dict__.setdefault("_cpu_plans", {})[(shape, isa)] = _PLANS[key]
+    plans = layer.__dict__.setdefault("_cpu_plans", {})
+    new = (shape, isa) not in plans
+    plans[(shape, isa)] = _PLANS[key]
+    if new and on_onednn_only is not None and set(plans.values()) == {"onednn"}:
+        on_onednn_only(layer)
     return _PLANS[key]
 
 

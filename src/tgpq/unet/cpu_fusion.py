@@ -285,8 +285,11 @@ def fuse_for_cpu(model: nn.Module) -> dict[str, int]:
     for mod in model.modules():  # after the resnets: a decoder block is patched when all of its resnets are
         if fuse_up_block(mod):
             counts["up_blocks"] += 1
+    merged = {id(getattr(mod, n)) for mod in model.modules()  # served by their attention's merged qkv layer
+              if isinstance(getattr(mod, "processor", None), CpuAttnProcessor) and mod.processor._qkv is not None
+              for n in ("to_q", "to_k", "to_v")}
     for m in model.modules():  # repack every weight for the microkernels now, not on the first call
-        if isinstance(m, (QLinear, QConv2d)):
+        if isinstance(m, (QLinear, QConv2d)) and id(m) not in merged:
             cpu_backend.prepare(m)
     return counts
 
