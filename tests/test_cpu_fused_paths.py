@@ -296,3 +296,63 @@ def test_norm_with_row_bias_is_the_norm_of_the_sum(isa):
         assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-3
     with pytest.raises(RuntimeError, match="row_bias must be floating"):
         cb.groupnorm_silu_quantize(norm, torch.cat([a, s], 1), layer, row_bias=rb[:, :5])
+
+
+@pytest.mark.parametrize("isa", cb.supported_isas())
+@pytest.mark.parametrize("pad", [(0, 1, 0, 1), (2, 0, 1, 3), (0, 0, 0, 0)])
+def test_quantize_writes_the_zero_border_of_a_padded_input(isa, pad):
+    """``quantize_nhwc(x, pad=...)`` is ``quantize_nhwc(F.pad(x, pad))`` bit for bit, for channels_last, NCHW
+    and channel-slice inputs: the border is code 128, the quantized zero."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(sum(pad) + 7)
+    cat = (torch.randn(3, 40, 5, 7, generator=gen) * 3).contiguous(memory_format=CL)
+    layer = _layer(24, 0.021)
+    for x in (cat[:, :24], cat[:, 16:].contiguous(), cat[:, 16:].contiguous(memory_format=CL)):
+        with cb.force_isa(isa):
+            got = cb.quantize_nhwc(layer, x, pad=pad)
+            want = cb.quantize_nhwc(layer, F.pad(x, pad))
+        assert got.shape == (3, 5 + pad[2] + pad[3], 7 + pad[0] + pad[1], 24)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="pad must be 4 non-negative"):
+        cb.quantize_nhwc(layer, cat[:, :24], pad=(0, -1, 0, 1))
+
+
+@pytest.mark.parametrize("kernel", ["ukernel", "onednn"])
+def test_downsampler_quantizes_into_its_padding_without_a_padded_copy(kernel):
+    """DDPM's Downsample2D (``F.pad(x, (0, 1, 0, 1))`` then a stride-2 conv): the fused forward never pads the
+    float tensor (no ``constant_pad_nd``) and returns the original forward's bits."""
+    from conftest import make_small_unet, minmax_qstate
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tgpq.backends import onednn
+    from tgpq.recipe import QuantConfig
+    from tgpq.unet.convert import convert
+
+    if kernel == "onednn" and not onednn.available():
+        pytest.skip("oneDNN's int8 ops are not in this torch build")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    unet = make_small_unet()
+    q = convert(unet, minmax_qstate(unet, QuantConfig(weight_bits=8, act_bits=8, method="rtn"), batch=2,
+                                    timesteps=(900,)), backend="cpu")
+    downs = [m for m in q.modules() if type(m).__name__ == "Downsample2D"]
+    assert downs and all(getattr(m, "_tgpq_orig_forward", None) is not None for m in downs)
+    gen = torch.Generator().manual_seed(11)
+    for m in downs:
+        x = torch.randn(2, m.channels, 8, 6, generator=gen).contiguous(memory_format=CL)
+        with torch.no_grad(), cb.force_kernel(kernel):
+            with Ops() as ops:
+                y = m(x)
+            want = m._tgpq_orig_forward(x)
+        assert not any(n.startswith("constant_pad_nd") for n in ops.names), ops.names
+        assert y.shape == want.shape == (2, m.out_channels, 4, 3)
+        assert torch.equal(y, want)

@@ -1,7 +1,8 @@
 // CPU kernels of the quantized layers over weights repacked once into the microkernels' c4 layout
 // (schemas: library.cpp; layouts: layout/pack_c4.h, cpu/ukernel.h).
 //
-//   quantize_nhwc_u8(x, a_scale, group_index, isa)     float [B,C,H,W] (any layout) -> u8 [B,H,W,C]
+//   quantize_nhwc_u8(x, a_scale, group_index, isa, pad) float [B,C,H,W] (any layout) -> u8 [B,H,W,C]; pad
+//                                                       (left, right, top, bottom): a zero border, code 128
 //   qconv2d_u8(xq, ..., row_bias, residual)            u8 NHWC -> float32 channels_last [B,N,Ho,Wo],
 //                                                       optional per-image bias and residual added in cache
 //   qconv2d(x, w_c4, wsum, ...)                         quantize_nhwc_u8 + qconv2d_u8
@@ -120,28 +121,50 @@ struct ConvExtras {
 };
 
 at::Tensor quantize_nhwc_u8_cpu(const at::Tensor& x, const at::Tensor& a_scale, const at::Tensor& group_index,
-                             int64_t isa_id) {
+                                int64_t isa_id, at::IntArrayRef pad) {
   check_cpu_float_input(x);
   TORCH_CHECK(x.dim() == 4, "quantize_nhwc_u8: expected [B, C, H, W], got ", x.dim(), " dims");
+  TORCH_CHECK(pad.empty() || (pad.size() == 4 && *std::min_element(pad.begin(), pad.end()) >= 0),
+              "quantize_nhwc_u8: pad must be empty or 4 non-negative sizes (left, right, top, bottom), got ", pad);
   const Isa isa = resolve_isa(isa_id);
   const float inv = 1.0f / act_scale(a_scale, group_index);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t pl = pad.empty() ? 0 : pad[0], pr = pad.empty() ? 0 : pad[1];
+  const int64_t pt = pad.empty() ? 0 : pad[2], pb = pad.empty() ? 0 : pad[3];
+  const int64_t Hp = H + pt + pb, Wp = W + pl + pr;
   // float32 channels_last, or a channel slice of it (a split conv's branch of a concatenation): pixel p's C
   // values are contiguous at p * ps and are read in place; anything else is brought to channels_last first.
   const NhwcRows xr = nhwc_rows(x);
   const int64_t ps = xr.ld;
-  auto out = at::empty({B, H, W, C}, x.options().dtype(at::kByte));
+  auto out = at::empty({B, Hp, Wp, C}, x.options().dtype(at::kByte));
   const float* src = xr.x;
   uint8_t* dst = out.data_ptr<uint8_t>();
-  if (ps == C) {  // dense: one flat pass
+  if (ps == C && Hp == H && Wp == W) {  // dense: one flat pass
     at::parallel_for(0, B * H * W * C, 1 << 15, [&](int64_t b, int64_t e) {
       cpu::quantize_u8(src + b, e - b, inv, dst + b, isa);
     });
-  } else {
-    at::parallel_for(0, B * H * W, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) cpu::quantize_u8(src + p * ps, C, inv, dst + p * C, isa);
-    });
+    return out;
   }
+  // One padded output row (b, h) per step: code 128 (activation 0, exact zero padding) around the quantized
+  // input row, whose W pixels are one run when dense.
+  at::parallel_for(0, B * Hp, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, Wp * C)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hp, h = r % Hp - pt;
+      uint8_t* o = dst + r * Wp * C;
+      if (h < 0 || h >= H) {
+        std::memset(o, 128, Wp * C);
+        continue;
+      }
+      std::memset(o, 128, pl * C);
+      std::memset(o + (pl + W) * C, 128, pr * C);
+      const float* s = src + (b * H + h) * W * ps;
+      if (ps == C) {
+        cpu::quantize_u8(s, W * C, inv, o + pl * C, isa);
+      } else {
+        for (int64_t w = 0; w < W; ++w) cpu::quantize_u8(s + w * ps, C, inv, o + (pl + w) * C, isa);
+      }
+    }
+  });
   return out;
 }
 
@@ -221,7 +244,7 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& w_c4, const c10::o
   TORCH_CHECK(x.size(1) == in_channels, "qconv2d: input has ", x.size(1), " channels, the packed weight expects ",
               in_channels);
   TORCH_CHECK(wsum && wsum->defined(), "qconv2d on the CPU needs w_sum from prepack_c4");
-  auto xq = quantize_nhwc_u8_cpu(x, a_scale, group_index, isa_id);
+  auto xq = quantize_nhwc_u8_cpu(x, a_scale, group_index, isa_id, {});
   auto y = qconv2d_u8_cpu(xq, w_c4, *wsum, w_scale, a_scale, group_index, bias, bits, out_channels, in_channels,
                           kernel_size, stride, padding, dilation, isa_id, row_bias, residual);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -73,7 +73,7 @@ TORCH_LIBRARY(tgpq, m) {
       "int[2] padding, int[2] dilation, int variant, Tensor? row_bias=None, Tensor? residual=None) -> Tensor");
   // the CPU kernels' layouts: c4 weights, uint8 NHWC activations (zero point 128) and their producers
   m.def("prepack_c4(Tensor w_packed, int bits, int k) -> (Tensor, Tensor)");
-  m.def("quantize_nhwc_u8(Tensor x, Tensor a_scale, Tensor group_index, int isa) -> Tensor");
+  m.def("quantize_nhwc_u8(Tensor x, Tensor a_scale, Tensor group_index, int isa, int[] pad=[]) -> Tensor");
   m.def(
       "qconv2d_u8(Tensor xq, Tensor w_c4, Tensor wsum, Tensor w_scale, Tensor a_scale, Tensor group_index, "
       "Tensor? bias, int bits, int out_channels, int in_channels, int[2] kernel_size, int[2] stride, "

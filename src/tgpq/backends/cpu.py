@@ -180,10 +180,14 @@ def _onednn_conv(layer, xq, row_bias, residual, fallback) -> torch.Tensor:
     return y
 
 
-def quantize_nhwc(layer, x: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, C, H, W] -> uint8 ``[B, H, W, C]`` (x_q + 128) with ``layer``'s current activation scale."""
+def quantize_nhwc(layer, x: torch.Tensor, pad: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``x`` [B, C, H, W] -> uint8 ``[B, H, W, C]`` (x_q + 128) with ``layer``'s current activation scale.
+    ``pad`` ``(left, right, top, bottom)`` as ``F.pad``'s zero padding, written as code 128 (exactly 0) around the
+    quantized values: ``[B, H + top + bottom, W + left + right, C]``, with no padded float copy."""
     _check_input(x)
-    return torch.ops.tgpq.quantize_nhwc_u8(x, layer.a_scale, layer.group_index, _isa_id())
+    if pad is not None and (len(pad) != 4 or min(pad) < 0):
+        raise ValueError(f"quantize_nhwc: pad must be 4 non-negative sizes (left, right, top, bottom), got {pad}")
+    return torch.ops.tgpq.quantize_nhwc_u8(x, layer.a_scale, layer.group_index, _isa_id(), list(pad or ()))
 
 
 def conv2d_u8(layer, xq: torch.Tensor, row_bias: torch.Tensor | None = None,

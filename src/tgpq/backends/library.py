@@ -57,9 +57,10 @@ if _LOAD_ERROR is None:
         return w_packed.new_empty(shape), w_packed.new_empty((wsum_len,), dtype=torch.int32)
 
     @torch.library.register_fake("tgpq::quantize_nhwc_u8")
-    def _quantize_nhwc_u8_fake(x, a_scale, group_index, isa):
+    def _quantize_nhwc_u8_fake(x, a_scale, group_index, isa, pad=()):
         b, c, h, w = x.shape
-        return x.new_empty((b, h, w, c), dtype=torch.uint8)
+        left, right, top, bottom = pad if len(pad) else (0, 0, 0, 0)
+        return x.new_empty((b, h + top + bottom, w + left + right, c), dtype=torch.uint8)
 
     @torch.library.register_fake("tgpq::groupnorm_silu_quantize")
     def _groupnorm_silu_quantize_fake(x, num_groups, weight, bias, eps, silu, a_scale, group_index, isa,

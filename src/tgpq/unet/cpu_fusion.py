@@ -19,6 +19,9 @@
   block's GroupNorm and that quantization are one pass (``groupnorm_silu_quantize`` without SiLU). The
   merged layer is derived from the three and rebuilt when their tensors change (it is not state).
   The attention itself stays float32 ``scaled_dot_product_attention`` (no error added).
+* ``Downsample2D`` with ``padding=0`` (a conv after ``F.pad(x, (0, 1, 0, 1))``, the DDPM layout): the
+  quantization writes the zero border itself (code 128) and the conv reads that uint8 tensor, so the padded
+  float copy is never made.
 
 Numerics: the fused GroupNorm + SiLU differs from torch's by a few float32 ulps (see
 ``csrc/torch/norm_ops.cpp``), so a quantized activation moves by one step only where it lies within
@@ -264,24 +267,47 @@ def fuse_attention(attn: nn.Module) -> bool:
     return True
 
 
+def _downsample_forward_cpu(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _cpu_path(self.conv, hidden_states) or hidden_states.dim() != 4:
+        return self._tgpq_orig_forward(hidden_states, *args, **kwargs)
+    xq = cpu_backend.quantize_nhwc(self.conv, hidden_states, pad=(0, 1, 0, 1))  # F.pad's (0, 1, 0, 1)
+    return cpu_backend.conv2d_u8(self.conv, xq).to(hidden_states.dtype)
+
+
+def fuse_downsample(mod: nn.Module) -> bool:
+    """Patch one diffusers ``Downsample2D`` whose conv follows ``F.pad(x, (0, 1, 0, 1))`` (``padding=0``,
+    no norm, a ``QConv2d``); returns whether it was patched."""
+    if getattr(mod, "_tgpq_orig_forward", None) is not None:
+        return True
+    if not (getattr(mod, "use_conv", False) and mod.padding == 0 and mod.norm is None
+            and isinstance(mod.conv, QConv2d)):
+        return False
+    mod._tgpq_orig_forward = mod.forward
+    mod.forward = types.MethodType(_downsample_forward_cpu, mod)
+    return True
+
+
 def fuse_for_cpu(model: nn.Module) -> dict[str, int]:
     """Patch every fusable ResnetBlock2D, Attention and decoder block (cat-free skips, ``cpu_skips``) of a
     converted model, in place.
 
     Call after ``tgpq.convert`` / ``tgpq.load`` (the model keeps its call signature). Returns counts
-    ``{"resnet_blocks": n, "attention": m, "up_blocks": k}``. Idempotent.
+    ``{"resnet_blocks": n, "attention": m, "downsamplers": d, "up_blocks": k}``. Idempotent.
     """
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
     from diffusers.models.resnet import ResnetBlock2D
 
     from .cpu_skips import fuse_up_block
 
-    counts = {"resnet_blocks": 0, "attention": 0, "up_blocks": 0}
+    counts = {"resnet_blocks": 0, "attention": 0, "downsamplers": 0, "up_blocks": 0}
     for mod in model.modules():
         if isinstance(mod, ResnetBlock2D) and fuse_resnet_block(mod):
             counts["resnet_blocks"] += 1
         elif isinstance(mod, Attention) and fuse_attention(mod):
             counts["attention"] += 1
+        elif isinstance(mod, Downsample2D) and fuse_downsample(mod):
+            counts["downsamplers"] += 1
     for mod in model.modules():  # after the resnets: a decoder block is patched when all of its resnets are
         if fuse_up_block(mod):
             counts["up_blocks"] += 1
@@ -302,7 +328,8 @@ def unfuse_for_cpu(model: nn.Module) -> None:
         unfuse_up_block(mod)
         if getattr(mod, "_tgpq_orig_forward", None) is not None:
             mod.forward = mod._tgpq_orig_forward
-            del mod._tgpq_orig_forward, mod._tgpq_fuse1, mod._tgpq_split1, mod._tgpq_forward_parts
+            for name in ("_tgpq_orig_forward", "_tgpq_fuse1", "_tgpq_split1", "_tgpq_forward_parts"):
+                mod.__dict__.pop(name, None)
         proc = getattr(mod, "processor", None)
         if isinstance(proc, CpuAttnProcessor):
             mod.set_processor(proc.original)
